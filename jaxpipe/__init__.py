@@ -1,0 +1,40 @@
+"""jaxpipe: JAX transforms as a declarative, inspectable pipeline.
+
+>>> from jaxpipe import Pipeline
+>>> Pipeline(abs).grad().jit().explain()
+'jax.jit(jax.grad(abs))'
+"""
+
+from jaxpipe._fit import FitRun as FitRun
+from jaxpipe._fit import evaluate as evaluate
+from jaxpipe._fit import fit as fit
+from jaxpipe._inspect import Cost as Cost
+from jaxpipe._inspect import Memory as Memory
+from jaxpipe._inspect import Timing as Timing
+from jaxpipe._pipeline import Pipeline as Pipeline
+from jaxpipe._stages import Stage as Stage
+from jaxpipe._stages import StageContext as StageContext
+from jaxpipe._stages import StageKind as StageKind
+from jaxpipe._train import TrainState as TrainState
+from jaxpipe._train import split_init_key as split_init_key
+from jaxpipe.errors import PipelineError as PipelineError
+from jaxpipe.errors import PluginError as PluginError
+from jaxpipe.errors import PluginWarning as PluginWarning
+from jaxpipe.errors import UnknownStageError as UnknownStageError
+from jaxpipe.hookspecs import hookimpl as hookimpl
+
+__version__ = "0.1.0"
+
+
+def load_ipython_extension(ipython):  # type: ignore[no-untyped-def]
+    """``%load_ext jaxpipe``: registers the magics (imported only now)."""
+    from jaxpipe.ipython import load_ipython_extension as load
+
+    load(ipython)
+
+
+def unload_ipython_extension(ipython):  # type: ignore[no-untyped-def]
+    """``%unload_ext jaxpipe``: removes exactly what loading added."""
+    from jaxpipe.ipython import unload_ipython_extension as unload
+
+    unload(ipython)

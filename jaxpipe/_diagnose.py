@@ -1,0 +1,186 @@
+"""Turns JAX's call-time errors into the advice a JAX expert would give.
+
+Only the error path runs here: a known error is traced again abstractly with
+each stage's output marked, to learn which stage raised it. The fast path of
+``Pipeline.__call__`` is untouched.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import re
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import jax
+
+from jaxpipe.errors import PipelineError
+
+if TYPE_CHECKING:
+    from jaxpipe._pipeline import Pipeline
+
+_DIFF_STAGES = ("grad", "value_and_grad")
+_ARG_NAME = re.compile(r"depends on the value of the argument (\w+)")
+
+
+def explain_error(pipe: Pipeline, err: Exception, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Exception | None:
+    """A PipelineError explaining ``err``, or None when jaxpipe has nothing to add."""
+    if isinstance(err, PipelineError):
+        return None
+    text = str(err)
+    for matches, advise in _ADVISORS:
+        if matches(err, text):
+            return advise(pipe, err, text, args, kwargs)
+    return None
+
+
+def _failing_stage(pipe: Pipeline, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
+    """Traces again with shapes only; the 0-based stage whose wrapped call raised first."""
+    seen: list[int] = []
+
+    def marked(fn: Callable[..., Any], index: int) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def call(*a: Any, **k: Any) -> Any:
+            try:
+                return fn(*a, **k)
+            except Exception:
+                seen.append(index)
+                raise
+
+        return call
+
+    fn = pipe.fn
+    try:
+        for index, stage in enumerate(pipe.stages):
+            fn = marked(stage.apply(fn), index)
+        jax.eval_shape(fn, *args, **kwargs)
+    except Exception:
+        return seen[0] if seen else None
+    return None
+
+
+def _where(pipe: Pipeline, index: int | None) -> dict[str, Any]:
+    if index is None:
+        return {"pipeline": repr(pipe)}
+    return {"stage": index + 1, "stage_name": pipe.stages[index].name, "pipeline": repr(pipe)}
+
+
+def _first(pipe: Pipeline, names: tuple[str, ...]) -> int | None:
+    return next((i for i, s in enumerate(pipe.stages) if s.name in names), None)
+
+
+# --- grad of a non-scalar output ----------------------------------------------
+
+
+def _is_nonscalar_grad(err: Exception, text: str) -> bool:
+    return isinstance(err, TypeError) and "only defined for scalar-output functions" in text
+
+
+def _advise_nonscalar_grad(pipe: Pipeline, err: Exception, text: str, args: Any, kwargs: Any) -> PipelineError:
+    index = _failing_stage(pipe, args, kwargs)
+    if index is None or pipe.stages[index].name not in _DIFF_STAGES:
+        index = _first(pipe, _DIFF_STAGES)
+    shape = re.search(r"Output had shape: (\S+)\.?", text)
+    got = f" but it returned an array of shape {shape.group(1).rstrip('.')}" if shape else ""
+    name = pipe.stages[index].name if index is not None else "grad"
+    return PipelineError(
+        f"`jax.{name}` needs `{pipe.name}` to return a scalar,{got}.\n"
+        f"Reduce the output to one number (e.g. `jnp.mean(...)` or `jnp.sum(...)`), "
+        f"use .jacrev() (or .jacfwd()) for the Jacobian of a vector output, "
+        f".value_and_grad(has_aux=True) to return the vector as auxiliary data, "
+        f"or, for per-example gradients, write a per-example loss and put .vmap() after .grad().",
+        **_where(pipe, index),
+    )
+
+
+# --- vmap: mapped axes of different sizes -----------------------------------
+
+
+def _is_vmap_sizes(err: Exception, text: str) -> bool:
+    return isinstance(err, ValueError) and "inconsistent sizes for array axes to be mapped" in text
+
+
+_SIZE_LINE = re.compile(r"had size (\d+): axis (\d+) of (argument [^;\n]*?) of type (\S+?)[;\n]?$", re.M)
+
+
+def _advise_vmap_sizes(pipe: Pipeline, err: Exception, text: str, args: Any, kwargs: Any) -> PipelineError:
+    index = _failing_stage(pipe, args, kwargs)
+    if index is None or pipe.stages[index].name != "vmap":
+        index = _first(pipe, ("vmap",))
+    lines = [f"  * {who}: axis {axis} has size {size} ({kind})" for size, axis, who, kind in _SIZE_LINE.findall(text)]
+    found = "\n".join(lines) if lines else text
+    in_axes = pipe.stages[index].options.get("in_axes", 0) if index is not None else 0
+    return PipelineError(
+        f"`jax.vmap` maps over one axis of each argument, and those axes must have the same size:\n"
+        f"{found}\n"
+        f"Give every mapped argument the same batch size, or mark an argument that is shared by "
+        f"the whole batch with None in in_axes (now in_axes={in_axes!r}; e.g. in_axes=(None, 0)).",
+        **_where(pipe, index),
+    )
+
+
+# --- a traced value used where Python needs a concrete one ------------------
+
+
+def _is_concretization(err: Exception, text: str) -> bool:
+    return isinstance(err, jax.errors.ConcretizationTypeError) or bool(_ARG_NAME.search(text))
+
+
+def _advise_concretization(pipe: Pipeline, err: Exception, text: str, args: Any, kwargs: Any) -> PipelineError:
+    batched = "BatchTracer" in text
+    index = _first(pipe, ("vmap", "pmap") if batched else ("jit", "pmap", "scan"))
+    if index is None:
+        index = _failing_stage(pipe, args, kwargs)
+    arg = _ARG_NAME.search(text)
+    name = arg.group(1) if arg else None
+    position = _position(pipe.fn, name)
+    what = f"the value of argument `{name}`" if name else "the value of a traced array"
+    stage = pipe.stages[index].name if index is not None else "jit"
+    fixes = ["`jnp.where(cond, a, b)` for a value-dependent choice", "`jax.lax.cond` / `jax.lax.switch` for branches"]
+    if stage == "jit":
+        static = f".jit(static_argnames=({name!r},))" if name else ".jit(static_argnums=(i,))"
+        if position is not None:
+            static += f" or .jit(static_argnums=({position},))"
+        fixes.append(f"if it is a setting such as a flag or a size, mark it static: {static}")
+    elif stage == "vmap":
+        fixes.append("in_axes=None for that argument if it is the same for the whole batch")
+    return PipelineError(
+        f"`{pipe.name}` needs {what} in Python (an `if`, `bool()`, `int()` or an array shape), "
+        f"but under `{stage}` it is an abstract tracer without a value.\n"
+        f"Use " + "; ".join(fixes) + ".",
+        **_where(pipe, index),
+    )
+
+
+def _position(fn: Callable[..., Any], name: str | None) -> int | None:
+    try:
+        params = list(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return None
+    return params.index(name) if name in params else None
+
+
+# --- x[i] = v on a JAX array -------------------------------------------------
+
+
+def _is_inplace(err: Exception, text: str) -> bool:
+    return isinstance(err, TypeError) and "immutable and do not support in-place item assignment" in text
+
+
+def _advise_inplace(pipe: Pipeline, err: Exception, text: str, args: Any, kwargs: Any) -> PipelineError:
+    index = _failing_stage(pipe, args, kwargs) if pipe.stages else None
+    return PipelineError(
+        f"`{pipe.name}` assigns into a JAX array in place (`x[i] = v`), but JAX arrays are immutable.\n"
+        f"Write `x = x.at[i].set(v)` instead (or `.add`, `.multiply`, `.min`, `.max`); "
+        f"under jit XLA turns it into an in-place update anyway.",
+        **_where(pipe, index),
+    )
+
+
+_ADVISORS = (
+    (_is_nonscalar_grad, _advise_nonscalar_grad),
+    (_is_vmap_sizes, _advise_vmap_sizes),
+    (_is_concretization, _advise_concretization),
+    (_is_inplace, _advise_inplace),
+)

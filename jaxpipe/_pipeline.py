@@ -1,0 +1,332 @@
+"""The immutable Pipeline value and its fluent methods."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from jaxpipe import _diagnose, _inspect
+from jaxpipe._stages import BUILTIN_STAGES, Stage, StageContext, StageKind
+from jaxpipe.errors import PipelineError
+
+class Pipeline:
+    """A function and the JAX transforms applied to it, in call order.
+
+    Stages wrap outward in the order they are called, so the pipeline below is
+    exactly ``jax.jit(jax.vmap(jax.grad(loss), in_axes=(None, 0)))``:
+
+    >>> import jax, jax.numpy as jnp
+    >>> def loss(w, x):
+    ...     return jnp.sum((w * x) ** 2)
+    >>> per_example = Pipeline(loss).grad().vmap(in_axes=(None, 0)).jit()
+    >>> per_example.explain()
+    'jax.jit(jax.vmap(jax.grad(loss), in_axes=(None, 0)))'
+    >>> per_example(jnp.ones(2), jnp.ones((3, 2))).shape
+    (3, 2)
+
+    A pipeline is a value: stage methods return a new one, and pipelines with the
+    same function and stages are equal and hash equal. ``pipe(*args)`` builds the
+    composed JAX callable once and calls it; ``pipe.build()`` returns it.
+    """
+
+    __slots__ = ("_fn", "_name", "_stages", "_built")
+
+    def __init__(self, fn: Callable[..., Any], name: str | None = None) -> None:
+        if not callable(fn):
+            raise PipelineError(
+                f"`Pipeline` needs a function to transform, got {type(fn).__name__} {fn!r}.\n"
+                f"Pass the function itself, e.g. Pipeline(loss), not Pipeline(loss(params, x))."
+            )
+        if isinstance(fn, Pipeline):
+            fn, stages = fn._fn, fn._stages
+        else:
+            stages = ()
+        object.__setattr__(self, "_fn", fn)
+        object.__setattr__(self, "_name", name)
+        object.__setattr__(self, "_stages", stages)
+        object.__setattr__(self, "_built", None)
+
+    @classmethod
+    def _make(cls, fn: Callable[..., Any], name: str | None, stages: tuple[Stage, ...]) -> Pipeline:
+        pipe = cls(fn, name)
+        object.__setattr__(pipe, "_stages", stages)
+        return pipe
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("a Pipeline is immutable: each stage method returns a new Pipeline")
+
+    # --- the value ---------------------------------------------------------------
+
+    @property
+    def fn(self) -> Callable[..., Any]:
+        """The function the stages transform."""
+        return self._fn
+
+    @property
+    def name(self) -> str:
+        """The name given to ``Pipeline``, else the function's name."""
+        return self._name or getattr(self._fn, "__name__", None) or type(self._fn).__name__
+
+    @property
+    def stages(self) -> tuple[Stage, ...]:
+        """The stages in call order (innermost first)."""
+        return self._stages
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Pipeline):
+            return NotImplemented
+        return self._fn == other._fn and self._stages == other._stages
+
+    def __hash__(self) -> int:
+        try:
+            fn_hash = hash(self._fn)
+        except TypeError:  # an unhashable callable object
+            fn_hash = id(self._fn)
+        return hash((fn_hash, self._stages))
+
+    def __repr__(self) -> str:
+        return f"Pipeline({self.name})" + "".join(f".{stage!r}" for stage in self._stages)
+
+    # --- adding stages -----------------------------------------------------------
+
+    def then(self, stage: str | StageKind, /, *args: Any, **options: Any) -> Pipeline:
+        """Adds the stage called ``stage`` (a built-in or a plugin's) with options.
+
+        ``pipe.then("vmap", in_axes=0)`` is ``pipe.vmap(in_axes=0)``; specs and
+        generic code use this form.
+        """
+        from jaxpipe._registry import registry
+
+        kind = stage if isinstance(stage, StageKind) else registry().lookup(stage)
+        return self._add(kind, args, options)
+
+    def _add(self, kind: StageKind, args: tuple[Any, ...], options: Mapping[str, Any]) -> Pipeline:
+        __tracebackhide__ = True
+        number = len(self._stages) + 1
+        where = {"stage": number, "stage_name": kind.name, "pipeline": repr(self)}
+        if self._stages and self._stages[-1].name == "debug":
+            raise PipelineError(
+                f"`.{kind.name}()` comes after `.debug()`, but `.debug()` runs the whole pipeline "
+                f"eagerly and must be the last stage.\nMove `.debug()` to the end.",
+                **where,
+            )
+        try:
+            bound = kind.bind(args, options)
+        except TypeError as err:
+            raise PipelineError(
+                f"{err}.\n`.{kind.name}()` takes {_describe_options(kind)}.", **where
+            ) from err
+        if kind.check is not None:
+            context = StageContext(self._fn, self._signature(), self._stages)
+            try:
+                kind.check(context, bound)
+            except (TypeError, ValueError) as err:
+                raise PipelineError(str(err), **where) from err
+        return Pipeline._make(self._fn, self._name, (*self._stages, Stage(kind, bound)))
+
+    def _signature(self) -> inspect.Signature | None:
+        """The signature the next stage will wrap, if every stage so far keeps it."""
+        if not all(stage.kind.keeps_signature for stage in self._stages):
+            return None
+        try:
+            return inspect.signature(self._fn)
+        except (TypeError, ValueError):
+            return None
+
+    def __getattr__(self, name: str) -> Callable[..., Pipeline]:
+        """Plugin stages appear as methods: ``Pipeline(f).clip_grads(1.0)``."""
+        if name.startswith("_"):
+            raise AttributeError(name)
+        from jaxpipe._registry import registry
+
+        kind = registry().lookup(name)
+
+        def add_stage(*args: Any, **options: Any) -> Pipeline:
+            return self._add(kind, args, options)
+
+        add_stage.__name__ = add_stage.__qualname__ = name
+        add_stage.__doc__ = kind.doc or inspect.getdoc(kind.apply)
+        add_stage.__signature__ = kind.signature  # type: ignore[attr-defined]
+        return add_stage
+
+    def __dir__(self) -> Iterable[str]:
+        from jaxpipe._registry import registry
+
+        return sorted({*super().__dir__(), *registry().kinds})
+
+    # --- built-in stages (options are those of the JAX function) ----------------
+
+    def jit(
+        self,
+        *,
+        static_argnums: int | tuple[int, ...] | None = None,
+        static_argnames: str | tuple[str, ...] | None = None,
+        donate_argnums: int | tuple[int, ...] | None = None,
+        **options: Any,
+    ) -> Pipeline:
+        """Compiles with XLA: ``jax.jit(f, ...)``; other ``jax.jit`` options pass through."""
+        return self._add(
+            BUILTIN_STAGES["jit"],
+            (),
+            dict(static_argnums=static_argnums, static_argnames=static_argnames,
+                 donate_argnums=donate_argnums, **options),
+        )
+
+    def grad(self, argnums: int | tuple[int, ...] = 0, has_aux: bool = False, **options: Any) -> Pipeline:
+        """Gradient with respect to ``argnums``: ``jax.grad(f, ...)``."""
+        return self._add(BUILTIN_STAGES["grad"], (), dict(argnums=argnums, has_aux=has_aux, **options))
+
+    def value_and_grad(self, argnums: int | tuple[int, ...] = 0, has_aux: bool = False, **options: Any) -> Pipeline:
+        """Value and gradient in one pass: ``jax.value_and_grad(f, ...)``."""
+        return self._add(
+            BUILTIN_STAGES["value_and_grad"], (), dict(argnums=argnums, has_aux=has_aux, **options)
+        )
+
+    def hessian(self, argnums: int | tuple[int, ...] = 0, **options: Any) -> Pipeline:
+        """Hessian: ``jax.hessian(f, ...)``."""
+        return self._add(BUILTIN_STAGES["hessian"], (), dict(argnums=argnums, **options))
+
+    def jacfwd(self, argnums: int | tuple[int, ...] = 0, **options: Any) -> Pipeline:
+        """Forward-mode Jacobian: ``jax.jacfwd(f, ...)``."""
+        return self._add(BUILTIN_STAGES["jacfwd"], (), dict(argnums=argnums, **options))
+
+    def jacrev(self, argnums: int | tuple[int, ...] = 0, **options: Any) -> Pipeline:
+        """Reverse-mode Jacobian: ``jax.jacrev(f, ...)``."""
+        return self._add(BUILTIN_STAGES["jacrev"], (), dict(argnums=argnums, **options))
+
+    def vmap(self, in_axes: Any = 0, out_axes: Any = 0, axis_name: Any = None, **options: Any) -> Pipeline:
+        """Vectorizes over a batch axis: ``jax.vmap(f, in_axes, out_axes, axis_name)``."""
+        return self._add(
+            BUILTIN_STAGES["vmap"], (), dict(in_axes=in_axes, out_axes=out_axes, axis_name=axis_name, **options)
+        )
+
+    def pmap(self, axis_name: Any = None, in_axes: Any = 0, out_axes: Any = 0, **options: Any) -> Pipeline:
+        """Maps over devices: ``jax.pmap(f, axis_name, in_axes=..., out_axes=...)``."""
+        return self._add(
+            BUILTIN_STAGES["pmap"], (), dict(axis_name=axis_name, in_axes=in_axes, out_axes=out_axes, **options)
+        )
+
+    def remat(self, **options: Any) -> Pipeline:
+        """Recomputes activations in the backward pass: ``jax.checkpoint(f, ...)``.
+
+        Named ``remat`` because ``.checkpoint()`` saves training state (Orbax).
+        """
+        return self._add(BUILTIN_STAGES["remat"], (), options)
+
+    def debug(self) -> Pipeline:
+        """Runs the pipeline eagerly under ``jax.disable_jit()`` so breakpoints and print work.
+
+        Must be the last stage.
+        """
+        return self._add(BUILTIN_STAGES["debug"], (), {})
+
+    def scan(self, steps: int) -> Pipeline:
+        """Runs ``steps`` training steps per call with ``jax.lax.scan``.
+
+        The step ``(state, batch) -> (state, metrics)`` becomes
+        ``(state, batches) -> (state, metrics)``, where each leaf of ``batches``
+        has a leading axis of ``steps`` and each metric gains one. Like Keras's
+        ``steps_per_execution``: for small models whose steps are dominated by
+        Python dispatch. Put it before ``.jit()``.
+        """
+        return self._add(BUILTIN_STAGES["scan"], (), dict(steps=steps))
+
+    # --- building and calling ----------------------------------------------------
+
+    def build(self) -> Callable[..., Any]:
+        """The composed JAX callable, built once.
+
+        For a pipeline ending in ``.jit()`` this is the object ``jax.jit`` returns,
+        so ``.lower()``, ``.trace()`` and its cache work as usual.
+        """
+        built = self._built
+        if built is None:
+            built = self._fn
+            for number, stage in enumerate(self._stages, 1):
+                try:
+                    built = stage.apply(built)
+                except Exception as err:
+                    raise PipelineError(
+                        f"`{stage.kind.jax_name or stage.name}` rejected its options {stage!r}: {err}",
+                        stage=number, stage_name=stage.name, pipeline=repr(self),
+                    ) from err
+            object.__setattr__(self, "_built", built)
+        return built
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        __tracebackhide__ = True
+        built = self._built
+        if built is None:
+            built = self.build()
+        try:
+            return built(*args, **kwargs)
+        except Exception as err:
+            explained = _diagnose.explain_error(self, err, args, kwargs)
+            if explained is None:
+                raise
+            raise explained from err
+
+    # --- inspection --------------------------------------------------------------
+
+    def explain(self) -> str:
+        """The equivalent hand-written JAX, as a string."""
+        definitions: list[str] = []
+        expression = self.name
+        for stage in self._stages:
+            result = stage.kind.explain_call(expression, dict(stage.options))
+            if isinstance(result, tuple):
+                code, expression = result
+                definitions.append(code)
+            else:
+                expression = result
+        return "\n\n".join([*definitions, expression])
+
+    def jaxpr(self, *args: Any, **kwargs: Any) -> Any:
+        """The traced program (a ``ClosedJaxpr``) for these arguments."""
+        return _inspect.jaxpr(self, args, kwargs)
+
+    def hlo(self, *args: Any, dialect: str = "stablehlo", optimized: bool = False, **kwargs: Any) -> str:
+        """The lowered program's text; ``optimized=True`` gives XLA's compiled HLO."""
+        return _inspect.hlo(self, args, kwargs, dialect=dialect, optimized=optimized)
+
+    def cost(self, *args: Any, **kwargs: Any) -> _inspect.Cost:
+        """Flops, bytes accessed and transcendentals of the compiled program."""
+        return _inspect.cost(self, args, kwargs)
+
+    def memory(self, *args: Any, **kwargs: Any) -> _inspect.Memory:
+        """Argument, output, temporary and code sizes of the compiled program."""
+        return _inspect.memory(self, args, kwargs)
+
+    def timing(self, *args: Any, number: int = 100, repeat: int = 5, **kwargs: Any) -> _inspect.Timing:
+        """Trace, lower, compile, first-call and steady-state times, in seconds.
+
+        Uses JAX's ahead-of-time API on a fresh copy of the pipeline (so caches
+        from earlier calls do not hide compile time), then times ``repeat`` rounds
+        of ``number`` calls, each synchronised with ``block_until_ready``.
+        """
+        return _inspect.timing(self, args, kwargs, number=number, repeat=repeat)
+
+    # --- training (stages from the Flax, Optax and Orbax plugins) ---------------
+
+    def init(self, key: Any, sample_batch: Any, *, params: Any = None) -> Any:
+        """The initial :class:`~jaxpipe.TrainState`, or the newest checkpoint's.
+
+        ``key`` is split into a parameter key, the state's step key and its data
+        key (:func:`jaxpipe.split_init_key`). ``params`` starts a pipeline
+        without a ``.model`` stage from given parameters.
+        """
+        from jaxpipe import _train
+
+        return _train.init(self, key, sample_batch, params=params)
+
+    def fit(self, state: Any, data: Any, *, epochs: int = 1, batch_size: int | None = None, **options: Any) -> Any:
+        """Trains from ``state``; ``epochs`` is the run's total. See :func:`jaxpipe.fit`."""
+        from jaxpipe import _fit
+
+        return _fit.fit(self, state, data, epochs=epochs, batch_size=batch_size, **options)
+
+
+def _describe_options(kind: StageKind) -> str:
+    params = [str(p) for p in kind.signature.parameters.values()]
+    return f"({', '.join(params)})" if params else "no options"

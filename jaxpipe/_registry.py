@@ -1,0 +1,82 @@
+"""Stage name -> StageKind: the built-ins, then what plugins register."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import keyword
+
+from jaxpipe._plugins import BLOCK_ENV, plugin_manager, warn_plugin
+from jaxpipe._stages import BUILTIN_STAGES, StageKind
+from jaxpipe.errors import PluginError, UnknownStageError
+
+
+@dataclasses.dataclass(frozen=True)
+class Registry:
+    """The stages a Pipeline can use, and the names two plugins both claim."""
+
+    kinds: dict[str, StageKind]
+    conflicts: dict[str, tuple[str, ...]]
+
+    def lookup(self, name: str) -> StageKind:
+        """The kind called ``name``; raises a helpful error if there is none."""
+        kind = self.kinds.get(name)
+        if kind is not None:
+            return kind
+        if name in self.conflicts:
+            first, *others = self.conflicts[name]
+            owners = " and ".join(repr(p) for p in self.conflicts[name])
+            raise PluginError(
+                f"stage `{name}` is registered by {owners}, so jaxpipe cannot tell which to use.\n"
+                f"Uninstall one, or block one with {BLOCK_ENV}={others[0] if others else first}.",
+                plugins=self.conflicts[name],
+            )
+        close = difflib.get_close_matches(name, self.kinds, n=3)
+        hint = f" Did you mean {', '.join(f'`{c}`' for c in close)}?" if close else ""
+        raise UnknownStageError(
+            f"there is no stage called `{name}`.{hint}\n"
+            f"Stages: {', '.join(sorted(self.kinds))}. A plugin stage needs its package installed "
+            f"(`jaxpipe plugins` lists what is loaded)."
+        )
+
+
+def _reserved_names() -> frozenset[str]:
+    from jaxpipe._pipeline import Pipeline
+
+    return frozenset(n for n in dir(Pipeline) if not n.startswith("_")) - set(BUILTIN_STAGES)
+
+
+@functools.cache
+def registry() -> Registry:
+    """Collects stage kinds from every registered plugin, once per process."""
+    kinds = dict(BUILTIN_STAGES)
+    owners: dict[str, list[str]] = {name: ["jaxpipe"] for name in kinds}
+    for name in _reserved_names():  # Pipeline's own methods: build, explain, init, ...
+        owners[name] = ["jaxpipe"]
+    hook = plugin_manager().hook.jaxpipe_register_stages
+    for impl in reversed(hook.get_hookimpls()):  # registration order
+        plugin = impl.plugin_name
+        try:
+            result = list(impl.function() or [])
+            bad = [k for k in result if not isinstance(k, StageKind)]
+            if bad:
+                raise TypeError(f"jaxpipe_register_stages returned {bad[0]!r}, not a jaxpipe.StageKind")
+            invalid = [k.name for k in result if not k.name.isidentifier() or keyword.iskeyword(k.name)
+                       or k.name.startswith("_")]
+            if invalid:
+                raise ValueError(f"stage name {invalid[0]!r} is not a public Python identifier")
+        except Exception as err:
+            warn_plugin(plugin, "failed in jaxpipe_register_stages", err)
+            continue
+        for kind in result:
+            if owners.get(kind.name, [None])[0] == "jaxpipe":
+                err = PluginError(f"`{kind.name}` is already a Pipeline method", plugins=(plugin,))
+                warn_plugin(plugin, f"registers stage `{kind.name}`, a name jaxpipe itself uses,", err)
+                continue
+            owners.setdefault(kind.name, []).append(plugin)
+            kinds.setdefault(kind.name, dataclasses.replace(kind, plugin=plugin))
+    conflicts = {name: tuple(who) for name, who in owners.items() if len(who) > 1}
+    for name in conflicts:
+        kinds.pop(name, None)
+    return Registry(kinds, conflicts)

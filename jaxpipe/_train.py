@@ -1,0 +1,120 @@
+"""The training state and ``Pipeline.init``: a fold over the stages' ``init``.
+
+Training stages (``.model`` from the Flax plugin, ``.optimize`` from the Optax
+plugin) each add their share of the state: the model its parameters and
+mutable collections, the optimizer its state. Stages with ``run_hooks`` (the
+Orbax ``.checkpoint``) may then swap the fresh state for a restored one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import jax
+import jax.numpy as jnp
+import pluggy
+
+from jaxpipe import hookspecs
+from jaxpipe._plugins import plugin_manager
+from jaxpipe.errors import PipelineError
+
+if TYPE_CHECKING:
+    from jaxpipe._pipeline import Pipeline
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+    """Everything a training step reads and writes, as one pytree.
+
+    Attributes:
+      step: optimizer steps taken (an int32 scalar array).
+      params: the model's trainable parameters (Flax's ``params`` collection).
+      opt_state: the Optax optimizer state.
+      key: the PRNG key; each step splits off a fresh dropout key from it.
+      model_state: the model's other mutable collections, e.g.
+        ``{"batch_stats": ...}`` for BatchNorm; empty when there are none.
+      data_key: the key ``fit`` shuffles with: epoch ``e`` uses
+        ``jax.random.fold_in(data_key, e)``, so a resumed run sees the same batches.
+    """
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    key: jax.Array
+    model_state: Any
+    data_key: jax.Array
+
+    def replace(self, **changes: Any) -> TrainState:
+        """A copy with some fields changed (as ``flax.struct`` states offer)."""
+        return dataclasses.replace(self, **changes)
+
+
+def split_init_key(key: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The documented key derivation of ``init``: (params key, step key, data key)."""
+    params_key, run_key, data_key = jax.random.split(key, 3)
+    return params_key, run_key, data_key
+
+
+def init(pipe: Pipeline, key: jax.Array, sample_batch: Any, params: Any = None) -> TrainState:
+    """Builds the initial state from the stages' ``init``; see ``Pipeline.init``."""
+    params_key, run_key, data_key = split_init_key(key)
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=None,
+        key=run_key,
+        model_state={},
+        data_key=data_key,
+    )
+    contributors = 0
+    for number, stage in enumerate(pipe.stages, 1):
+        if stage.kind.init is None:
+            continue
+        contributors += 1
+        try:
+            state = stage.kind.init(state, params_key, sample_batch, **stage.options)
+        except PipelineError as err:
+            if err.stage is not None:
+                raise
+            raise PipelineError(err.detail, stage=number, stage_name=stage.name, pipeline=repr(pipe)) from err
+        except Exception as err:
+            raise PipelineError(
+                f"initialising `.{stage.name}()` failed: {type(err).__name__}: {err}",
+                stage=number, stage_name=stage.name, pipeline=repr(pipe),
+            ) from err
+    if not contributors:
+        raise PipelineError(
+            "`init` builds a training state, but no stage of this pipeline contributes to one.\n"
+            "Add training stages, e.g. Pipeline(loss).model(module, input='image').optimize(optax.adam(1e-3)).",
+            pipeline=repr(pipe),
+        )
+    with run_hooks(pipe) as hook:
+        restored = hook.jaxpipe_init_state(pipeline=pipe, state=state)
+    return state if restored is None else restored
+
+
+@contextlib.contextmanager
+def run_hooks(pipe: Pipeline) -> Iterator[Any]:
+    """A hook relay for one run: every plugin plus this pipeline's stage hooks.
+
+    A fresh manager per run keeps one pipeline's checkpoint hooks out of
+    another pipeline's run.
+    """
+    pm = pluggy.PluginManager("jaxpipe")
+    pm.add_hookspecs(hookspecs)
+    shared = plugin_manager()
+    for plugin in shared.get_plugins():
+        pm.register(plugin, name=shared.get_name(plugin))
+    for stage in pipe.stages:
+        if stage.kind.run_hooks is not None:
+            pm.register(stage.kind.run_hooks(dict(stage.options)))
+    yield pm.hook
+
+
+def scan_steps(pipe: Pipeline) -> int:
+    """Batches per call: the ``.scan(k)`` stage's k, else 1."""
+    return next((s.options["steps"] for s in pipe.stages if s.name == "scan"), 1)

@@ -1,0 +1,73 @@
+"""Public exception classes.
+
+Every message says what went wrong, where (the stage, numbered from 1 as in
+``explain()``), and how to fix it; the original JAX exception stays chained as
+``__cause__``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class PipelineError(ValueError):
+    """A pipeline was given bad input, or JAX rejected it at call time.
+
+    Attributes:
+      stage: the 1-based number of the stage at fault, or ``None`` when the
+        problem is not tied to one stage.
+      stage_name: that stage's name (``"vmap"``), or ``None``.
+      pipeline: the pipeline's fluent form, e.g. ``"Pipeline(loss).grad().jit()"``.
+
+    Examples:
+      Failing::
+
+          Pipeline(loss).grad().vmap(in_axes=(None, 0, 0))   # loss takes 2 args
+
+      raises ``PipelineError: stage 2 (vmap) of Pipeline(loss).grad(): in_axes
+      has 3 entries but `loss` takes 2 positional arguments...``; fixed::
+
+          Pipeline(loss).grad().vmap(in_axes=(None, 0))
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        stage: int | None = None,
+        stage_name: str | None = None,
+        pipeline: str | None = None,
+    ) -> None:
+        self.stage = stage
+        self.stage_name = stage_name
+        self.pipeline = pipeline
+        self.detail = message
+        where = []
+        if stage is not None:
+            where.append(f"stage {stage} ({stage_name})")
+        if pipeline is not None:
+            where.append(f"of {pipeline}" if where else f"in {pipeline}")
+        super().__init__(f"{' '.join(where)}:\n{message}" if where else message)
+
+
+class UnknownStageError(PipelineError, AttributeError):
+    """A stage name that no built-in and no loaded plugin provides.
+
+    Also an ``AttributeError`` so that ``hasattr`` and tab completion behave.
+    """
+
+
+class PluginError(PipelineError):
+    """A plugin conflicts with another plugin or breaks the plugin contract.
+
+    Attributes:
+      plugins: the names of the plugins involved.
+    """
+
+    def __init__(self, message: str, *, plugins: tuple[str, ...] = (), **where: Any) -> None:
+        self.plugins = plugins
+        super().__init__(message, **where)
+
+
+class PluginWarning(UserWarning):
+    """A plugin failed to load or its hook raised; it was skipped."""
