@@ -5,6 +5,9 @@
 'jax.jit(jax.grad(abs))'
 """
 
+from jaxpipe._cache import CompileEvents as CompileEvents
+from jaxpipe._cache import disable_compilation_cache as disable_compilation_cache
+from jaxpipe._cache import enable_compilation_cache as enable_compilation_cache
 from jaxpipe._fit import FitRun as FitRun
 from jaxpipe._fit import evaluate as evaluate
 from jaxpipe._fit import fit as fit
@@ -12,10 +15,14 @@ from jaxpipe._inspect import Cost as Cost
 from jaxpipe._inspect import Memory as Memory
 from jaxpipe._inspect import Timing as Timing
 from jaxpipe._pipeline import Pipeline as Pipeline
+from jaxpipe._spec import SpecError as SpecError
 from jaxpipe._stages import Stage as Stage
 from jaxpipe._stages import StageContext as StageContext
 from jaxpipe._stages import StageKind as StageKind
+from jaxpipe._train import ParamSummary as ParamSummary
+from jaxpipe._train import TrainLoss as TrainLoss
 from jaxpipe._train import TrainState as TrainState
+from jaxpipe._train import param_summary as param_summary
 from jaxpipe._train import split_init_key as split_init_key
 from jaxpipe.errors import PipelineError as PipelineError
 from jaxpipe.errors import PluginError as PluginError

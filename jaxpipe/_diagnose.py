@@ -31,7 +31,10 @@ def explain_error(pipe: Pipeline, err: Exception, args: tuple[Any, ...], kwargs:
     text = str(err)
     for matches, advise in _ADVISORS:
         if matches(err, text):
-            return advise(pipe, err, text, args, kwargs)
+            try:
+                return advise(pipe, err, text, args, kwargs)
+            except Exception:  # advice is a bonus: never hide JAX's own error behind a bug here
+                return None
     return None
 
 
@@ -81,8 +84,8 @@ def _advise_nonscalar_grad(pipe: Pipeline, err: Exception, text: str, args: Any,
     index = _failing_stage(pipe, args, kwargs)
     if index is None or pipe.stages[index].name not in _DIFF_STAGES:
         index = _first(pipe, _DIFF_STAGES)
-    shape = re.search(r"Output had shape: (\S+)\.?", text)
-    got = f" but it returned an array of shape {shape.group(1).rstrip('.')}" if shape else ""
+    shape = re.search(r"Output had shape: (\([^)]*\))", text)
+    got = f" but it returned an array of shape {shape.group(1)}" if shape else ""
     name = pipe.stages[index].name if index is not None else "grad"
     return PipelineError(
         f"`jax.{name}` needs `{pipe.name}` to return a scalar,{got}.\n"
@@ -124,7 +127,11 @@ def _advise_vmap_sizes(pipe: Pipeline, err: Exception, text: str, args: Any, kwa
 
 
 def _is_concretization(err: Exception, text: str) -> bool:
-    return isinstance(err, jax.errors.ConcretizationTypeError) or bool(_ARG_NAME.search(text))
+    return (
+        isinstance(err, jax.errors.ConcretizationTypeError)
+        or bool(_ARG_NAME.search(text))
+        or (isinstance(err, IndexError) and "must be static integers" in text)  # x[:n] with a traced n
+    )
 
 
 def _advise_concretization(pipe: Pipeline, err: Exception, text: str, args: Any, kwargs: Any) -> PipelineError:
@@ -146,7 +153,7 @@ def _advise_concretization(pipe: Pipeline, err: Exception, text: str, args: Any,
     elif stage == "vmap":
         fixes.append("in_axes=None for that argument if it is the same for the whole batch")
     return PipelineError(
-        f"`{pipe.name}` needs {what} in Python (an `if`, `bool()`, `int()` or an array shape), "
+        f"`{pipe.name}` needs {what} in Python (an `if`, `bool()`, `int()`, an array shape or a slice bound), "
         f"but under `{stage}` it is an abstract tracer without a value.\n"
         f"Use " + "; ".join(fixes) + ".",
         **_where(pipe, index),
@@ -178,9 +185,33 @@ def _advise_inplace(pipe: Pipeline, err: Exception, text: str, args: Any, kwargs
     )
 
 
+# --- vmap: in_axes of another length than the call's arguments -------------
+
+
+def _is_vmap_arity(err: Exception, text: str) -> bool:
+    return isinstance(err, ValueError) and "vmap in_axes must be" in text and "len(args)" in text
+
+
+def _advise_vmap_arity(pipe: Pipeline, err: Exception, text: str, args: Any, kwargs: Any) -> PipelineError:
+    index = _failing_stage(pipe, args, kwargs)
+    if index is None or pipe.stages[index].name != "vmap":
+        index = _first(pipe, ("vmap",))
+    in_axes = pipe.stages[index].options.get("in_axes", 0) if index is not None else None
+    count = re.search(r"len\(args\)=(\d+)", text)
+    passed = int(count.group(1)) if count else len(args)
+    return PipelineError(
+        f"in_axes={in_axes!r} has {len(in_axes) if isinstance(in_axes, (tuple, list)) else 1} entries, "
+        f"but the call passed {passed} positional argument{'s' if passed != 1 else ''}.\n"
+        f"Give one entry per positional argument (None for one that is not mapped), "
+        f"or in_axes=0 to map every argument over axis 0.",
+        **_where(pipe, index),
+    )
+
+
 _ADVISORS = (
     (_is_nonscalar_grad, _advise_nonscalar_grad),
     (_is_vmap_sizes, _advise_vmap_sizes),
+    (_is_vmap_arity, _advise_vmap_arity),
     (_is_concretization, _advise_concretization),
     (_is_inplace, _advise_inplace),
 )

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import signal
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -80,22 +81,31 @@ class FitRun:
 
 
 def _check_arrays(data: Mapping[str, Any], what: str) -> int:
-    sizes = {key: np.shape(value)[0] if np.ndim(value) else None for key, value in data.items()}
-    if not sizes or None in sizes.values() or len(set(sizes.values())) != 1:
+    sizes: dict[str, int | None] = {key: np.shape(value)[0] if np.ndim(value) else None for key, value in data.items()}
+    size = next(iter(sizes.values()), None)
+    if size is None or len(set(sizes.values())) != 1:
         raise PipelineError(
             f"`fit` needs {what} as a dict of arrays with the same number of examples along axis 0, "
             f"got sizes {sizes}.\nGive e.g. {{'image': x_train, 'label': y_train}}."
         )
-    return next(iter(sizes.values()))
+    return size
 
 
 def epoch_order(data_key: jax.Array, epoch: int, size: int) -> np.ndarray:
     """The example order of ``epoch``: a permutation keyed by (data_key, epoch)."""
+    if isinstance(data_key, jax.Array) and len(data_key.sharding.device_set) > 1 and data_key.is_fully_replicated:
+        data_key = data_key.addressable_data(0)  # a key replicated over a mesh: shuffle on one local device
     return np.asarray(jax.random.permutation(jax.random.fold_in(data_key, epoch), size))
 
 
 def _array_calls(
-    data: Mapping[str, Any], state: TrainState, batch_size: int, per_call: int, steps_per_epoch: int, start: int, end: int
+    data: Mapping[str, Any],
+    state: TrainState,
+    batch_size: int,
+    per_call: int,
+    steps_per_epoch: int,
+    start: int,
+    end: int,
 ) -> Iterator[tuple[int, Any]]:
     """(steps in the call, batch or stacked batches) from step ``start`` to ``end``."""
     host = {key: np.asarray(value) for key, value in data.items()}
@@ -121,7 +131,9 @@ def _iterable_calls(data: Iterable[Any], per_call: int, skip: int, end: int | No
         next(iterator, None)
     step = skip
     while end is None or step < end:
-        group = [b for _, b in zip(range(per_call if end is None else min(per_call, end - step)), iterator, strict=False)]
+        group = [
+            b for _, b in zip(range(per_call if end is None else min(per_call, end - step)), iterator, strict=False)
+        ]
         if not group:
             return
         if per_call > 1:
@@ -134,18 +146,24 @@ def _iterable_calls(data: Iterable[Any], per_call: int, skip: int, end: int | No
 # --- evaluation ------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=8)  # one compiled evaluator per pipeline, not one per epoch
 def evaluator(pipe: Pipeline) -> Callable[[TrainState, Any], dict[str, Any]] | None:
-    """A jitted ``(state, batch) -> metrics`` from the last stage that can evaluate."""
+    """A jitted ``(state, batch) -> metrics`` from the last stage that can evaluate.
+
+    A stage's ``evaluate`` may return None to leave evaluation to an earlier one.
+    """
     fn = pipe.fn
     found = None
     for stage in pipe.stages:
         if stage.kind.evaluate is not None:
-            found = stage.kind.evaluate(fn, **stage.options)
+            found = stage.kind.evaluate(fn, **stage.options) or found
         fn = stage.apply(fn)
     return jax.jit(found) if found is not None else None
 
 
-def evaluate(pipe: Pipeline, state: TrainState, data: Mapping[str, Any], batch_size: int | None = None) -> dict[str, float]:
+def evaluate(
+    pipe: Pipeline, state: TrainState, data: Mapping[str, Any], batch_size: int | None = None
+) -> dict[str, float]:
     """Metrics of ``state`` on a dict-of-arrays data set, averaged over examples."""
     step = evaluator(pipe)
     if step is None:
@@ -203,8 +221,10 @@ def fit(
     epochs: int = 1,
     batch_size: int | None = None,
     eval_data: Mapping[str, Any] | None = None,
+    eval_batch_size: int | None = None,
     progress: bool | Callable[..., Any] = True,
     log_every: int = 10,
+    hooks: Sequence[object] = (),
 ) -> TrainState:
     """Trains ``state`` until the run's total of ``epochs`` epochs.
 
@@ -221,9 +241,13 @@ def fit(
       batch_size: examples per step (needed for a dict of arrays; the last
         partial batch of each epoch is dropped).
       eval_data: a dict of arrays evaluated at the end of every epoch.
+      eval_batch_size: examples per evaluation call; None evaluates the whole
+        eval set in one call (one compile, no partial last batch).
       progress: show a progress bar (text in a terminal, a widget in Jupyter),
         or a ``tqdm``-like factory.
       log_every: steps between metric read-backs from the device.
+      hooks: objects with ``@jaxpipe.hookimpl`` methods (a logger, a
+        dashboard) called during this run only, like plugins.
 
     Returns:
       The final state; after Ctrl-C, the state after the last completed step.
@@ -241,7 +265,8 @@ def fit(
         size = _check_arrays(data, "training data")
         if not isinstance(batch_size, int) or not 1 <= batch_size <= size:
             raise PipelineError(
-                f"`batch_size` must be an int from 1 to the {size} examples in the data, got {batch_size!r}.",
+                f"`fit` on a dict of arrays needs `batch_size`, an int from 1 to the {size} examples in "
+                f"the data; got {batch_size!r}.\nFor example batch_size={min(128, size)}.",
                 pipeline=repr(pipe),
             )
         steps_per_epoch: int | None = size // batch_size
@@ -249,9 +274,12 @@ def fit(
         steps_per_epoch = len(data) if hasattr(data, "__len__") else None  # type: ignore[arg-type]
     total = epochs * steps_per_epoch if steps_per_epoch is not None else None
     run = FitRun(pipe, epochs, batch_size, steps_per_epoch, total)
-    with run_hooks(pipe) as hook:
+    with run_hooks(pipe, hooks) as hook:
         resumed = hook.jaxpipe_fit_resume(run=run, state=state)
         state = state if resumed is None else resumed
+        placed = hook.jaxpipe_place_state(pipeline=pipe, state=state)
+        state = state if placed is None else placed
+        whole_batches = isinstance(data, Mapping)  # every process holds the whole data set
         run.start_step = run.step = int(state.step)
         if isinstance(data, Mapping):
             assert steps_per_epoch is not None and total is not None and batch_size is not None
@@ -260,7 +288,8 @@ def fit(
             epochs_of_data = 1 if steps_per_epoch is None else epochs
             source = (b for _ in range(epochs_of_data) for b in data) if epochs_of_data > 1 else data
             calls = _iterable_calls(source, per_call, run.step, total)
-        bar = _progress(progress, total, run.step)
+        supplied = hook.jaxpipe_fit_progress(run=run) if progress is True else None  # e.g. the dashboard
+        bar = supplied if supplied is not None else _progress(progress, total, run.step)
         pending: list[tuple[int, Any]] = []
 
         def read_back() -> None:
@@ -276,7 +305,8 @@ def fit(
             with _graceful_interrupt(run):
                 for count, batch in calls:
                     epoch_before = run.epoch
-                    state, metrics = pipe(state, batch)
+                    on_devices = hook.jaxpipe_place_batch(run=run, batch=batch, whole=whole_batches)
+                    state, metrics = pipe(state, batch if on_devices is None else on_devices)
                     run.step += count
                     pending.append((count, metrics))
                     bar.update(count)
@@ -285,10 +315,14 @@ def fit(
                         read_back()
                     if run.epoch != epoch_before or run.step == total:
                         read_back()
-                        _end_epoch(pipe, run, state, eval_data, batch_size, bar, hook)
+                        _end_epoch(pipe, run, state, eval_data, eval_batch_size, bar, hook)
                     if run.stop_requested:
                         run.interrupted = True
                         break
+                else:
+                    if total is None and run.step > run.start_step:  # the end of data of unknown length
+                        read_back()
+                        _end_epoch(pipe, run, state, eval_data, eval_batch_size, bar, hook)
             read_back()
         except BaseException as err:
             run.error = err
@@ -299,10 +333,14 @@ def fit(
     return state
 
 
-def _end_epoch(pipe: Pipeline, run: FitRun, state: TrainState, eval_data: Any, batch_size: Any, bar: Any, hook: Any) -> None:
+def _end_epoch(
+    pipe: Pipeline, run: FitRun, state: TrainState, eval_data: Any, batch_size: Any, bar: Any, hook: Any
+) -> None:
     metrics: dict[str, float] = {}
     if eval_data is not None:
         metrics = {f"eval_{k}": v for k, v in evaluate(pipe, state, eval_data, batch_size).items()}
-        run.eval_history.append({"epoch": float(run.step // (run.steps_per_epoch or 1)), "step": float(run.step), **metrics})
-        bar.write(f"epoch {len(run.eval_history)}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+        epoch = run.step // run.steps_per_epoch if run.steps_per_epoch else len(run.eval_history) + 1
+        run.eval_history.append({"epoch": float(epoch), "step": float(run.step), **metrics})
+        if not getattr(bar, "disable", False):
+            bar.write(f"epoch {epoch}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
     hook.jaxpipe_fit_epoch_end(run=run, state=state, metrics=metrics)

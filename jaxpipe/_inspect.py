@@ -67,8 +67,11 @@ class Cost:
     raw: dict[str, float]
 
     def __str__(self) -> str:
-        return _table("cost", [("flops", self.flops), ("bytes accessed", self.bytes_accessed),
-                               ("transcendentals", self.transcendentals)], _number)
+        return _table(
+            "cost",
+            [("flops", self.flops), ("bytes accessed", self.bytes_accessed), ("transcendentals", self.transcendentals)],
+            _number,
+        )
 
 
 def cost(pipe: Pipeline, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Cost:
@@ -124,6 +127,7 @@ class Timing:
     compiled as a whole (no ``.jit()``/``.pmap()`` stage at the end).
     ``first_call`` is the first run of the compiled program; ``best`` and
     ``median`` are per-call times over ``repeat`` rounds of ``number`` calls.
+    ``notes`` say where times came from a cache, or why JAX recompiled.
     """
 
     trace: float | None
@@ -134,6 +138,7 @@ class Timing:
     median: float
     number: int
     repeat: int
+    notes: tuple[str, ...] = ()
 
     @property
     def rows(self) -> list[tuple[str, float | None]]:
@@ -147,14 +152,15 @@ class Timing:
         ]
 
     def __str__(self) -> str:
-        return _table("timing", self.rows, format_seconds)
+        return "\n".join([_table("timing", self.rows, format_seconds), *self.notes])
 
     def _repr_html_(self) -> str:
         cells = "".join(
             f"<tr><td>{html.escape(k)}</td><td style='text-align:right'>{format_seconds(v)}</td></tr>"
             for k, v in self.rows
         )
-        return f"<table class='jaxpipe-timing'>{cells}</table>"
+        notes = "".join(f"<pre>{html.escape(note)}</pre>" for note in self.notes)
+        return f"<table class='jaxpipe-timing'>{cells}</table>{notes}"
 
 
 def fresh_copy(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -168,41 +174,119 @@ def fresh_copy(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def timing(pipe: Pipeline, args: tuple[Any, ...], kwargs: dict[str, Any], *, number: int, repeat: int) -> Timing:
+    target = fresh_build(pipe)
+    return _explained(pipe, args, kwargs, lambda: time_call(target, args, kwargs, number=number, repeat=repeat))
+
+
+def fresh_build(pipe: Pipeline) -> Callable[..., Any]:
+    """``pipe.build()`` around a fresh copy of its function: nothing cached yet."""
     from jaxpipe._pipeline import Pipeline
 
-    if number < 1 or repeat < 1:
+    return Pipeline._make(fresh_copy(pipe.fn), pipe._name, pipe.stages).build()
+
+
+def time_call(
+    target: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], *, number: int | None, repeat: int
+) -> Timing:
+    """Times ``target(*args, **kwargs)``: the ahead-of-time stages of a jit object, then calls.
+
+    ``number=None`` picks the calls per round to take about 0.1 s. When JAX's
+    caches already held the traced program (``target`` ran on such arguments
+    before), the times are those of the cache lookups, and a note says so.
+    """
+    from jaxpipe._cache import CompileEvents
+
+    if (number is not None and number < 1) or repeat < 1:
         raise ValueError(f"number and repeat must be at least 1, got number={number}, repeat={repeat}")
-    target = Pipeline._make(fresh_copy(pipe.fn), pipe._name, pipe.stages).build()
     trace = lower_time = compile_time = None
+    notes = []
     if hasattr(target, "trace"):
-        start = time.perf_counter()
-        traced = _explained(pipe, args, kwargs, lambda: target.trace(*args, **kwargs))
-        traced_at = time.perf_counter()
-        lowered = traced.lower()
-        lowered_at = time.perf_counter()
-        lowered.compile()  # fills target's cache, so the next call runs this executable
-        compiled_at = time.perf_counter()
+        with CompileEvents() as events:
+            start = time.perf_counter()
+            traced = target.trace(*args, **kwargs)
+            traced_at = time.perf_counter()
+            lowered = traced.lower()
+            lowered_at = time.perf_counter()
+            lowered.compile()  # fills target's cache, so the next call runs this executable
+            compiled_at = time.perf_counter()
         trace, lower_time, compile_time = traced_at - start, lowered_at - traced_at, compiled_at - lowered_at
+        name = getattr(target, "__name__", "the function")
+        if events.traces == 0:
+            notes.append(
+                f"trace, lower and compile came from JAX's caches: `{name}` had already been compiled for "
+                f"arguments like these."
+            )
+        elif events.persistent_hits:
+            notes.append("compile loaded the executable from the persistent compilation cache.")
     start = time.perf_counter()
-    jax.block_until_ready(_explained(pipe, args, kwargs, lambda: target(*args, **kwargs)))
+    jax.block_until_ready(target(*args, **kwargs))
     first_call = time.perf_counter() - start
+    if number is None:
+        start = time.perf_counter()
+        jax.block_until_ready(target(*args, **kwargs))
+        number = max(1, min(10_000, int(0.1 / max(time.perf_counter() - start, 1e-7))))
     rounds = steady_state(target, args, kwargs, number=number, repeat=repeat)
-    return Timing(trace, lower_time, compile_time, first_call, min(rounds), statistics.median(rounds), number, repeat)
+    best, median = min(rounds), statistics.median(rounds)
+    return Timing(trace, lower_time, compile_time, first_call, best, median, number, repeat, tuple(notes))
 
 
 def steady_state(
     fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], *, number: int, repeat: int
 ) -> list[float]:
-    """Per-call seconds of ``repeat`` rounds of ``number`` synchronised calls."""
+    """Per-call seconds of ``repeat`` rounds of ``number`` synchronised calls.
+
+    A single array output syncs through its own ``block_until_ready()``, as a
+    hand-written loop would: ``jax.block_until_ready`` walks a pytree, which
+    costs microseconds per call, up to a quarter of a small jitted call's time.
+    """
     block = jax.block_until_ready
     clock = time.perf_counter
+    array_type: Any = None  # the concrete array class, once seen
     rounds = []
     for _ in range(repeat):
         start = clock()
         for _ in range(number):
-            block(fn(*args, **kwargs))
+            out = fn(*args, **kwargs)
+            if type(out) is array_type:
+                out.block_until_ready()
+            elif isinstance(out, jax.Array):
+                array_type = type(out)
+                out.block_until_ready()
+            else:
+                block(out)
         rounds.append((clock() - start) / number)
     return rounds
+
+
+def paired_rounds(
+    candidates: dict[str, Callable[..., Any]],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any] | None = None,
+    *,
+    number: int,
+    repeat: int,
+) -> dict[str, list[float]]:
+    """Per-call seconds of each candidate, timed in interleaved rounds.
+
+    Each round times every candidate once (``number`` synchronised calls), in
+    an order that flips every round, so that load from other processes and
+    clock drift fall on all candidates alike; compare them round by round with
+    :func:`paired_ratio`. Every candidate is called once first, to compile.
+    """
+    kwargs = kwargs or {}
+    names = list(candidates)
+    for name in names:
+        jax.block_until_ready(candidates[name](*args, **kwargs))
+    rounds: dict[str, list[float]] = {name: [] for name in names}
+    for index in range(repeat):
+        for name in names if index % 2 == 0 else names[::-1]:
+            rounds[name] += steady_state(candidates[name], args, kwargs, number=number, repeat=1)
+    return rounds
+
+
+def paired_ratio(rounds: list[float], baseline: list[float]) -> float:
+    """The median over rounds of ``rounds[i] / baseline[i]``: robust to load that comes and goes."""
+    return statistics.median(a / b for a, b in zip(rounds, baseline, strict=True))
 
 
 def format_seconds(seconds: float | None) -> str:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import difflib
+import functools
 import inspect
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from jaxpipe import _diagnose, _inspect
+from jaxpipe._format import format_options, format_signature, format_value, same_value
 from jaxpipe._stages import BUILTIN_STAGES, Stage, StageContext, StageKind
 from jaxpipe.errors import PipelineError
+
 
 class Pipeline:
     """A function and the JAX transforms applied to it, in call order.
@@ -30,7 +34,12 @@ class Pipeline:
     composed JAX callable once and calls it; ``pipe.build()`` returns it.
     """
 
-    __slots__ = ("_fn", "_name", "_stages", "_built")
+    __slots__ = ("_fn", "_name", "_stages", "_built", "_fn_signature")
+    _fn: Callable[..., Any]
+    _name: str | None
+    _stages: tuple[Stage, ...]
+    _built: Callable[..., Any] | None
+    _fn_signature: list[inspect.Signature | None]  # shared by derived pipelines; computed once
 
     def __init__(self, fn: Callable[..., Any], name: str | None = None) -> None:
         if not callable(fn):
@@ -38,19 +47,18 @@ class Pipeline:
                 f"`Pipeline` needs a function to transform, got {type(fn).__name__} {fn!r}.\n"
                 f"Pass the function itself, e.g. Pipeline(loss), not Pipeline(loss(params, x))."
             )
-        if isinstance(fn, Pipeline):
-            fn, stages = fn._fn, fn._stages
+        if isinstance(fn, Pipeline):  # Pipeline(pipe) continues from pipe's stages
+            source = fn
+            fn, name = source._fn, source._name if name is None else name
+            stages, signature = source._stages, source._fn_signature
         else:
-            stages = ()
-        object.__setattr__(self, "_fn", fn)
-        object.__setattr__(self, "_name", name)
-        object.__setattr__(self, "_stages", stages)
-        object.__setattr__(self, "_built", None)
+            stages, signature = (), []
+        _fill(self, fn, name, stages, signature)
 
     @classmethod
     def _make(cls, fn: Callable[..., Any], name: str | None, stages: tuple[Stage, ...]) -> Pipeline:
-        pipe = cls(fn, name)
-        object.__setattr__(pipe, "_stages", stages)
+        pipe = object.__new__(cls)
+        _fill(pipe, fn, name, stages, [])
         return pipe
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -88,6 +96,12 @@ class Pipeline:
     def __repr__(self) -> str:
         return f"Pipeline({self.name})" + "".join(f".{stage!r}" for stage in self._stages)
 
+    def _repr_html_(self) -> str:
+        """Notebook display: the stages and the equivalent JAX (see ``jaxpipe.ipython.display``)."""
+        from jaxpipe.ipython.display import pipeline_html
+
+        return pipeline_html(self)
+
     # --- adding stages -----------------------------------------------------------
 
     def then(self, stage: str | StageKind, /, *args: Any, **options: Any) -> Pipeline:
@@ -96,53 +110,72 @@ class Pipeline:
         ``pipe.then("vmap", in_axes=0)`` is ``pipe.vmap(in_axes=0)``; specs and
         generic code use this form.
         """
+        __tracebackhide__ = True
+        kind = stage if isinstance(stage, StageKind) else self._lookup(stage)
+        return self._add(kind, args, options)
+
+    def _lookup(self, name: str) -> StageKind:
+        __tracebackhide__ = True
         from jaxpipe._registry import registry
 
-        kind = stage if isinstance(stage, StageKind) else registry().lookup(stage)
-        return self._add(kind, args, options)
+        reg = registry()
+        kind = reg.kinds.get(name)
+        if kind is None:  # raises UnknownStageError or PluginError, placed in this pipeline
+            reg.lookup(name, stage=len(self._stages) + 1, stage_name=name, pipeline=f"{self!r}.{name}()")
+        return reg.lookup(name)
 
     def _add(self, kind: StageKind, args: tuple[Any, ...], options: Mapping[str, Any]) -> Pipeline:
         __tracebackhide__ = True
-        number = len(self._stages) + 1
-        where = {"stage": number, "stage_name": kind.name, "pipeline": repr(self)}
         if self._stages and self._stages[-1].name == "debug":
-            raise PipelineError(
+            raise self._stage_error(
+                kind,
+                args,
+                options,
                 f"`.{kind.name}()` comes after `.debug()`, but `.debug()` runs the whole pipeline "
                 f"eagerly and must be the last stage.\nMove `.debug()` to the end.",
-                **where,
             )
         try:
             bound = kind.bind(args, options)
         except TypeError as err:
-            raise PipelineError(
-                f"{err}.\n`.{kind.name}()` takes {_describe_options(kind)}.", **where
-            ) from err
+            raise self._stage_error(kind, args, options, _bad_options(kind, options, err)) from err
         if kind.check is not None:
             context = StageContext(self._fn, self._signature(), self._stages)
             try:
                 kind.check(context, bound)
             except (TypeError, ValueError) as err:
-                raise PipelineError(str(err), **where) from err
-        return Pipeline._make(self._fn, self._name, (*self._stages, Stage(kind, bound)))
+                raise self._stage_error(kind, (), bound, str(err)) from err
+        pipe = object.__new__(Pipeline)
+        _fill(pipe, self._fn, self._name, (*self._stages, Stage(kind, bound)), self._fn_signature)
+        return pipe
+
+    def _stage_error(
+        self, kind: StageKind, args: tuple[Any, ...], options: Mapping[str, Any], message: str
+    ) -> PipelineError:
+        """The error for a stage that cannot be added, shown as the call that was tried."""
+        defaults = kind.signature.parameters
+        shown = {k: v for k, v in options.items() if not (k in defaults and same_value(v, defaults[k].default))}
+        call = ", ".join([*map(format_value, args), *([format_options(shown)] if shown else [])])
+        return PipelineError(
+            message, stage=len(self._stages) + 1, stage_name=kind.name, pipeline=f"{self!r}.{kind.name}({call})"
+        )
 
     def _signature(self) -> inspect.Signature | None:
         """The signature the next stage will wrap, if every stage so far keeps it."""
         if not all(stage.kind.keeps_signature for stage in self._stages):
             return None
-        try:
-            return inspect.signature(self._fn)
-        except (TypeError, ValueError):
-            return None
+        cache = self._fn_signature
+        if not cache:
+            cache.append(_signature_of(self._fn))
+        return cache[0]
 
     def __getattr__(self, name: str) -> Callable[..., Pipeline]:
         """Plugin stages appear as methods: ``Pipeline(f).clip_grads(1.0)``."""
         if name.startswith("_"):
             raise AttributeError(name)
-        from jaxpipe._registry import registry
-
-        kind = registry().lookup(name)
+        kind = self._lookup(name)
 
         def add_stage(*args: Any, **options: Any) -> Pipeline:
+            __tracebackhide__ = True
             return self._add(kind, args, options)
 
         add_stage.__name__ = add_stage.__qualname__ = name
@@ -163,14 +196,25 @@ class Pipeline:
         static_argnums: int | tuple[int, ...] | None = None,
         static_argnames: str | tuple[str, ...] | None = None,
         donate_argnums: int | tuple[int, ...] | None = None,
+        mesh: Any = None,
         **options: Any,
     ) -> Pipeline:
-        """Compiles with XLA: ``jax.jit(f, ...)``; other ``jax.jit`` options pass through."""
+        """Compiles with XLA: ``jax.jit(f, ...)``; other ``jax.jit`` options pass through.
+
+        With a ``mesh``, ``in_shardings``/``out_shardings`` may be PartitionSpecs:
+        ``.jit(mesh=mesh, in_shardings=(P(), P('data')))`` is
+        ``jax.jit(f, in_shardings=(NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))))``.
+        """
         return self._add(
             BUILTIN_STAGES["jit"],
             (),
-            dict(static_argnums=static_argnums, static_argnames=static_argnames,
-                 donate_argnums=donate_argnums, **options),
+            dict(
+                static_argnums=static_argnums,
+                static_argnames=static_argnames,
+                donate_argnums=donate_argnums,
+                mesh=mesh,
+                **options,
+            ),
         )
 
     def grad(self, argnums: int | tuple[int, ...] = 0, has_aux: bool = False, **options: Any) -> Pipeline:
@@ -179,9 +223,7 @@ class Pipeline:
 
     def value_and_grad(self, argnums: int | tuple[int, ...] = 0, has_aux: bool = False, **options: Any) -> Pipeline:
         """Value and gradient in one pass: ``jax.value_and_grad(f, ...)``."""
-        return self._add(
-            BUILTIN_STAGES["value_and_grad"], (), dict(argnums=argnums, has_aux=has_aux, **options)
-        )
+        return self._add(BUILTIN_STAGES["value_and_grad"], (), dict(argnums=argnums, has_aux=has_aux, **options))
 
     def hessian(self, argnums: int | tuple[int, ...] = 0, **options: Any) -> Pipeline:
         """Hessian: ``jax.hessian(f, ...)``."""
@@ -206,6 +248,36 @@ class Pipeline:
         return self._add(
             BUILTIN_STAGES["pmap"], (), dict(axis_name=axis_name, in_axes=in_axes, out_axes=out_axes, **options)
         )
+
+    def shard(
+        self, mesh: Any, in_specs: Any, out_specs: Any, *, axis_names: Any = frozenset(), check_vma: bool = True
+    ) -> Pipeline:
+        """Runs once per device on its block of each argument: ``jax.shard_map(f, mesh=..., ...)``.
+
+        ``in_specs`` has one ``PartitionSpec`` per positional argument: ``P()``
+        passes it whole to every device, ``P('data')`` splits its axis 0 over
+        mesh axis ``'data'``. Combine across devices inside the function with
+        ``jax.lax.pmean``/``psum`` (take the ``pmean`` of a loss, not of its
+        gradient: ``jax.grad`` already sums over the axis for replicated
+        arguments). For per-example gradients, pass ``check_vma=False``.
+        """
+        return self._add(
+            BUILTIN_STAGES["shard"],
+            (),
+            dict(mesh=mesh, in_specs=in_specs, out_specs=out_specs, axis_names=axis_names, check_vma=check_vma),
+        )
+
+    def data_parallel(self, mesh: Any, axis: str | tuple[str, ...] = "data", *, param_specs: Any = None) -> Pipeline:
+        """Trains on a batch split along mesh axis ``axis``, the state replicated.
+
+        Put it after the training stages and before ``.scan()``/``.jit()``:
+        ``Pipeline(loss).model(m, input="image").optimize(tx).data_parallel(mesh).jit()``.
+        The loss and model are unchanged and the result matches one device.
+        ``param_specs(path, array) -> PartitionSpec`` shards parameters and
+        optimizer state instead. ``init`` places the state on the mesh and
+        ``fit`` places each batch, from every process's own rows across hosts.
+        """
+        return self._add(BUILTIN_STAGES["data_parallel"], (), dict(mesh=mesh, axis=axis, param_specs=param_specs))
 
     def remat(self, **options: Any) -> Pipeline:
         """Recomputes activations in the backward pass: ``jax.checkpoint(f, ...)``.
@@ -249,7 +321,9 @@ class Pipeline:
                 except Exception as err:
                     raise PipelineError(
                         f"`{stage.kind.jax_name or stage.name}` rejected its options {stage!r}: {err}",
-                        stage=number, stage_name=stage.name, pipeline=repr(self),
+                        stage=number,
+                        stage_name=stage.name,
+                        pipeline=repr(self),
                     ) from err
             object.__setattr__(self, "_built", built)
         return built
@@ -260,12 +334,39 @@ class Pipeline:
         if built is None:
             built = self.build()
         try:
-            return built(*args, **kwargs)
+            if kwargs:
+                return built(*args, **kwargs)
+            return built(*args)  # no empty dict to merge: the common call, as close to jax.jit's as Python allows
         except Exception as err:
             explained = _diagnose.explain_error(self, err, args, kwargs)
             if explained is None:
+                _place_stage_error(self, err)
                 raise
             raise explained from err
+
+    # --- as text (jaxpipe/_spec.py) ------------------------------------------------
+
+    @classmethod
+    def from_spec(cls, text: str, namespace: Mapping[str, Any]) -> Pipeline:
+        """The pipeline written as text, e.g. ``"loss | grad | vmap(in_axes=(None, 0)) | jit"``.
+
+        Names resolve in ``namespace`` (e.g. ``globals()``); stage arguments are
+        literals or names. The text is parsed, never evaluated; a bad one raises
+        :class:`~jaxpipe.SpecError` pointing at the line and column.
+        """
+        from jaxpipe import _spec
+
+        return _spec.from_spec(text, namespace)
+
+    def to_spec(self, namespace: Mapping[str, Any] | None = None) -> str:
+        """This pipeline as spec text; ``Pipeline.from_spec`` reads it back.
+
+        Non-literal option values are written as names: those bound to them in
+        ``namespace`` when given, else their own names.
+        """
+        from jaxpipe import _spec
+
+        return _spec.to_spec(self, namespace)
 
     # --- inspection --------------------------------------------------------------
 
@@ -327,6 +428,53 @@ class Pipeline:
         return _fit.fit(self, state, data, epochs=epochs, batch_size=batch_size, **options)
 
 
-def _describe_options(kind: StageKind) -> str:
-    params = [str(p) for p in kind.signature.parameters.values()]
-    return f"({', '.join(params)})" if params else "no options"
+@functools.lru_cache(maxsize=256)
+def _cached_signature(fn: Callable[..., Any]) -> inspect.Signature | None:
+    try:
+        return inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+
+
+def _signature_of(fn: Callable[..., Any]) -> inspect.Signature | None:
+    """``fn``'s signature, if Python can tell; cached, as pipelines of one function are made often."""
+    try:
+        return _cached_signature(fn)
+    except TypeError:  # an unhashable callable
+        return _cached_signature.__wrapped__(fn)
+
+
+def _place_stage_error(pipe: Pipeline, err: Exception) -> None:
+    """Numbers a stage's own PipelineError, raised while it ran knowing only its name."""
+    if type(err) is PipelineError and err.stage is None and err.stage_name is not None:
+        numbers = [n for n, stage in enumerate(pipe.stages, 1) if stage.name == err.stage_name]
+        if numbers:
+            err.__init__(err.detail, stage=numbers[0], stage_name=err.stage_name, pipeline=repr(pipe))  # type: ignore[misc]
+
+
+def _fill(
+    pipe: Pipeline,
+    fn: Callable[..., Any],
+    name: str | None,
+    stages: tuple[Stage, ...],
+    signature: list[inspect.Signature | None],
+) -> None:
+    object.__setattr__(pipe, "_fn", fn)
+    object.__setattr__(pipe, "_name", name)
+    object.__setattr__(pipe, "_stages", stages)
+    object.__setattr__(pipe, "_built", None)
+    object.__setattr__(pipe, "_fn_signature", signature)
+
+
+def _bad_options(kind: StageKind, options: Mapping[str, Any], err: TypeError) -> str:
+    """Why ``options`` do not fit ``kind``, with the options it does take."""
+    params = kind.signature.parameters
+    takes = f"Its options are {format_signature(kind.signature)[1:-1] or 'none'}."
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return f"`.{kind.name}()` {err}.\n{takes}"
+    unknown = [name for name in options if name not in params]
+    if not unknown:
+        return f"`.{kind.name}()` {err}.\n{takes}"
+    close = difflib.get_close_matches(unknown[0], params, n=1)
+    hint = f" Did you mean `{close[0]}`?" if close else ""
+    return f"`.{kind.name}()` has no option `{unknown[0]}`.{hint}\n{takes}"

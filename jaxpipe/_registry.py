@@ -6,6 +6,7 @@ import dataclasses
 import difflib
 import functools
 import keyword
+from typing import Any
 
 from jaxpipe._plugins import BLOCK_ENV, plugin_manager, warn_plugin
 from jaxpipe._stages import BUILTIN_STAGES, StageKind
@@ -19,8 +20,11 @@ class Registry:
     kinds: dict[str, StageKind]
     conflicts: dict[str, tuple[str, ...]]
 
-    def lookup(self, name: str) -> StageKind:
-        """The kind called ``name``; raises a helpful error if there is none."""
+    def lookup(self, name: str, **where: Any) -> StageKind:
+        """The kind called ``name``; raises a helpful error if there is none.
+
+        ``where`` (``stage``, ``stage_name``, ``pipeline``) places the error.
+        """
         kind = self.kinds.get(name)
         if kind is not None:
             return kind
@@ -31,13 +35,15 @@ class Registry:
                 f"stage `{name}` is registered by {owners}, so jaxpipe cannot tell which to use.\n"
                 f"Uninstall one, or block one with {BLOCK_ENV}={others[0] if others else first}.",
                 plugins=self.conflicts[name],
+                **where,
             )
         close = difflib.get_close_matches(name, self.kinds, n=3)
         hint = f" Did you mean {', '.join(f'`{c}`' for c in close)}?" if close else ""
         raise UnknownStageError(
             f"there is no stage called `{name}`.{hint}\n"
             f"Stages: {', '.join(sorted(self.kinds))}. A plugin stage needs its package installed "
-            f"(`jaxpipe plugins` lists what is loaded)."
+            f"(`jaxpipe plugins` lists what is loaded).",
+            **where,
         )
 
 
@@ -58,12 +64,16 @@ def registry() -> Registry:
     for impl in reversed(hook.get_hookimpls()):  # registration order
         plugin = impl.plugin_name
         try:
-            result = list(impl.function() or [])
+            returned: Any = impl.function()
+            result = list(returned or [])
             bad = [k for k in result if not isinstance(k, StageKind)]
             if bad:
                 raise TypeError(f"jaxpipe_register_stages returned {bad[0]!r}, not a jaxpipe.StageKind")
-            invalid = [k.name for k in result if not k.name.isidentifier() or keyword.iskeyword(k.name)
-                       or k.name.startswith("_")]
+            invalid = [
+                k.name
+                for k in result
+                if not k.name.isidentifier() or keyword.iskeyword(k.name) or k.name.startswith("_")
+            ]
             if invalid:
                 raise ValueError(f"stage name {invalid[0]!r} is not a public Python identifier")
         except Exception as err:
@@ -71,8 +81,8 @@ def registry() -> Registry:
             continue
         for kind in result:
             if owners.get(kind.name, [None])[0] == "jaxpipe":
-                err = PluginError(f"`{kind.name}` is already a Pipeline method", plugins=(plugin,))
-                warn_plugin(plugin, f"registers stage `{kind.name}`, a name jaxpipe itself uses,", err)
+                clash = PluginError(f"`{kind.name}` is already a Pipeline method", plugins=(plugin,))
+                warn_plugin(plugin, f"registers stage `{kind.name}`, a name jaxpipe itself uses,", clash)
                 continue
             owners.setdefault(kind.name, []).append(plugin)
             kinds.setdefault(kind.name, dataclasses.replace(kind, plugin=plugin))

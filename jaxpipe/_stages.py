@@ -16,7 +16,8 @@ from typing import Any
 
 import jax
 
-from jaxpipe._format import format_options, same_value, value_hash
+from jaxpipe import _sharding
+from jaxpipe._format import format_options, format_signature, same_value, value_hash
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,8 +93,19 @@ class StageKind:
         text = self.doc or inspect.getdoc(self.apply) or ""
         return text.strip().split("\n\n")[0].replace("\n", " ")
 
+    @functools.cached_property
+    def _keyword_defaults(self) -> tuple[dict[str, Any], frozenset[str]]:
+        """(name -> default of options passable by keyword, names without default)."""
+        P = inspect.Parameter
+        params = [p for p in self.signature.parameters.values() if p.kind in (P.POSITIONAL_OR_KEYWORD, P.KEYWORD_ONLY)]
+        return {p.name: p.default for p in params}, frozenset(p.name for p in params if p.default is P.empty)
+
     def bind(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[str, Any]:
         """Binds call arguments to options, dropping those equal to defaults."""
+        defaults, required = self._keyword_defaults
+        if not args and kwargs.keys() <= defaults.keys() and required <= kwargs.keys():
+            # the common case, keywords only: the same result as Signature.bind, several times faster
+            return {k: v for k, v in kwargs.items() if not same_value(v, defaults[k])}
         bound = self.signature.bind(*args, **kwargs)
         options = {}
         for name, value in bound.arguments.items():
@@ -145,6 +157,7 @@ class Stage:
 # --- checks shared by the built-in stages -------------------------------------
 
 
+@functools.lru_cache(maxsize=256)
 def _positional_range(sig: inspect.Signature | None) -> tuple[int, int | None] | None:
     """(required, maximum or None for *args) positional arguments, if known."""
     if sig is None:
@@ -196,12 +209,15 @@ def _check_argnames(ctx: StageContext, options: dict[str, Any], key: str) -> Non
     unknown = [n for n in names if n not in sig.parameters]
     if unknown:
         raise ValueError(
-            f"`{key}` names {unknown[0]!r}, which is not a parameter of `{ctx.fn_name}`{sig}.\n"
+            f"`{key}` names {unknown[0]!r}, which is not a parameter of `{ctx.fn_name}{format_signature(sig)}`.\n"
             f"Use one of {tuple(sig.parameters)}."
         )
 
 
 def _check_axes_leaves(value: Any, key: str) -> None:
+    flat = value if isinstance(value, tuple) else (value,)
+    if all(x is None or type(x) is int for x in flat):  # the usual 0 or (None, 0): no tree walk
+        return
     leaves = jax.tree.leaves(value, is_leaf=lambda x: x is None)
     bad = [x for x in leaves if x is not None and (not isinstance(x, int) or isinstance(x, bool))]
     if bad:
@@ -243,6 +259,7 @@ def _check_jit(ctx: StageContext, options: dict[str, Any]) -> None:
     for key in ("static_argnames", "donate_argnames"):
         if key in options:
             _check_argnames(ctx, options, key)
+    _sharding.check_jit_shardings(ctx, options)
 
 
 def _check_diff(ctx: StageContext, options: dict[str, Any]) -> None:
@@ -261,9 +278,7 @@ def _check_remat(ctx: StageContext, options: dict[str, Any]) -> None:
         _check_argnums(ctx, options, "static_argnums")
     policy = options.get("policy")
     if policy is not None and not callable(policy):
-        raise TypeError(
-            f"`policy` must be a callable such as jax.checkpoint_policies.dots_saveable, got {policy!r}."
-        )
+        raise TypeError(f"`policy` must be a callable such as jax.checkpoint_policies.dots_saveable, got {policy!r}.")
 
 
 # --- the debug stage ----------------------------------------------------------
@@ -331,7 +346,14 @@ def _builtin(name: str, apply: Callable[..., Any], jax_name: str, check: Any = N
 BUILTIN_STAGES: dict[str, StageKind] = {
     kind.name: kind
     for kind in (
-        _builtin("jit", jax.jit, "jax.jit", _check_jit, doc="Compiles with XLA (`jax.jit`)."),
+        _builtin(
+            "jit",
+            _sharding.jit,  # jax.jit, plus mesh= to write shardings as PartitionSpecs
+            "jax.jit",
+            _check_jit,
+            explain=_sharding.explain_jit,
+            doc="Compiles with XLA (`jax.jit`).",
+        ),
         _builtin("grad", jax.grad, "jax.grad", _check_diff, doc="Gradient (`jax.grad`)."),
         _builtin(
             "value_and_grad",
@@ -354,7 +376,21 @@ BUILTIN_STAGES: dict[str, StageKind] = {
             _check_remat,
             doc="Recomputes activations in the backward pass to save memory (`jax.checkpoint`).",
         ),
-        _builtin("debug", debug, "", explain=_explain_debug),
-        _builtin("scan", scan, "jax.lax.scan", _check_scan, explain=_explain_scan),
+        _builtin(
+            "debug",
+            debug,
+            "",
+            explain=_explain_debug,
+            doc="Runs eagerly under `jax.disable_jit()` so breakpoints and print work; the last stage.",
+        ),
+        _builtin(
+            "scan",
+            scan,
+            "jax.lax.scan",
+            _check_scan,
+            explain=_explain_scan,
+            doc="Runs `steps` training steps per call with `jax.lax.scan`.",
+        ),
+        *_sharding.stage_kinds(),  # shard, data_parallel
     )
 }

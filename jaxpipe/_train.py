@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+import math
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
@@ -53,6 +54,25 @@ class TrainState:
         return dataclasses.replace(self, **changes)
 
 
+@runtime_checkable
+class TrainLoss(Protocol):
+    """A loss that knows how to train: what ``.model`` hands to ``.optimize``.
+
+    A plain loss on ``(params, batch)`` is not enough for a training step: a
+    model also needs a fresh dropout key and its mutable collections (BatchNorm
+    statistics). ``.optimize`` differentiates :meth:`train`; calling the object
+    gives the evaluation-mode loss, so ``.grad()`` or ``.jit()`` work on it too.
+    """
+
+    def __call__(self, params: Any, batch: Any, model_state: Any = None) -> jax.Array:
+        """The scalar loss in evaluation mode (no dropout, running statistics)."""
+        ...
+
+    def train(self, params: Any, batch: Any, key: jax.Array, model_state: Any) -> tuple[jax.Array, tuple[dict, Any]]:
+        """``(loss, (metrics, new_model_state))`` in training mode, for ``jax.value_and_grad(has_aux=True)``."""
+        ...
+
+
 def split_init_key(key: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The documented key derivation of ``init``: (params key, step key, data key)."""
     params_key, run_key, data_key = jax.random.split(key, 3)
@@ -84,7 +104,9 @@ def init(pipe: Pipeline, key: jax.Array, sample_batch: Any, params: Any = None) 
         except Exception as err:
             raise PipelineError(
                 f"initialising `.{stage.name}()` failed: {type(err).__name__}: {err}",
-                stage=number, stage_name=stage.name, pipeline=repr(pipe),
+                stage=number,
+                stage_name=stage.name,
+                pipeline=repr(pipe),
             ) from err
     if not contributors:
         raise PipelineError(
@@ -94,12 +116,14 @@ def init(pipe: Pipeline, key: jax.Array, sample_batch: Any, params: Any = None) 
         )
     with run_hooks(pipe) as hook:
         restored = hook.jaxpipe_init_state(pipeline=pipe, state=state)
-    return state if restored is None else restored
+        state = state if restored is None else restored
+        placed = hook.jaxpipe_place_state(pipeline=pipe, state=state)
+    return state if placed is None else placed
 
 
 @contextlib.contextmanager
-def run_hooks(pipe: Pipeline) -> Iterator[Any]:
-    """A hook relay for one run: every plugin plus this pipeline's stage hooks.
+def run_hooks(pipe: Pipeline, extra: Sequence[object] = ()) -> Iterator[Any]:
+    """A hook relay for one run: every plugin, this pipeline's stage hooks, and ``extra``.
 
     A fresh manager per run keeps one pipeline's checkpoint hooks out of
     another pipeline's run.
@@ -112,9 +136,75 @@ def run_hooks(pipe: Pipeline) -> Iterator[Any]:
     for stage in pipe.stages:
         if stage.kind.run_hooks is not None:
             pm.register(stage.kind.run_hooks(dict(stage.options)))
+    for obj in extra:
+        pm.register(obj)
     yield pm.hook
 
 
 def scan_steps(pipe: Pipeline) -> int:
     """Batches per call: the ``.scan(k)`` stage's k, else 1."""
     return next((s.options["steps"] for s in pipe.stages if s.name == "scan"), 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamSummary:
+    """Shapes, dtypes and sizes of the arrays in a pytree, shown as a table.
+
+    Attributes:
+      rows: ``(path, shape, dtype, count)`` for each array, in pytree order.
+      nbytes: the arrays' total size in bytes.
+    """
+
+    rows: tuple[tuple[str, tuple[int, ...], str, int], ...]
+    nbytes: int
+
+    @property
+    def count(self) -> int:
+        """The number of scalars in all arrays together."""
+        return sum(row[3] for row in self.rows)
+
+    def __str__(self) -> str:
+        table = [("path", "shape", "dtype", "count")]
+        table += [(path, str(shape), dtype, f"{count:,}") for path, shape, dtype, count in self.rows]
+        widths = [max(len(row[i]) for row in table) for i in range(4)]
+        lines = [
+            "  ".join([*(c.ljust(w) for c, w in zip(row[:3], widths[:3], strict=True)), row[3].rjust(widths[3])])
+            for row in table
+        ]
+        arrays = f"{len(self.rows)} array{'s' if len(self.rows) != 1 else ''}"
+        lines.append(f"total: {self.count:,} parameters in {arrays}, {_format_bytes(self.nbytes)}")
+        return "\n".join(line.rstrip() for line in lines)
+
+    __repr__ = __str__
+
+
+def param_summary(tree: Any) -> ParamSummary:
+    """A table of a pytree's arrays: path, shape, dtype and count, with totals.
+
+    Works on anything ``jax.tree`` can flatten: Flax parameters, a
+    :class:`TrainState`'s ``params``, optimizer states.
+
+    >>> import jax.numpy as jnp
+    >>> print(param_summary({"dense": {"kernel": jnp.zeros((64, 10)), "bias": jnp.zeros(10)}}))
+    path          shape     dtype    count
+    dense/bias    (10,)     float32     10
+    dense/kernel  (64, 10)  float32    640
+    total: 650 parameters in 2 arrays, 2.5 KiB
+    """
+    rows = []
+    nbytes = 0
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        shape = tuple(getattr(leaf, "shape", ()))
+        dtype = getattr(leaf, "dtype", None)
+        count = math.prod(shape)
+        rows.append((jax.tree_util.keystr(path, simple=True, separator="/"), shape, str(dtype), count))
+        nbytes += getattr(leaf, "nbytes", 0) or 0
+    return ParamSummary(tuple(rows), nbytes)
+
+
+def _format_bytes(size: float) -> str:
+    units = ("B", "KiB", "MiB", "GiB")
+    unit = 0
+    while size >= 1024 and unit < len(units) - 1:
+        size, unit = size / 1024, unit + 1
+    return f"{size:.0f} B" if unit == 0 else f"{size:.1f} {units[unit]}"

@@ -30,7 +30,7 @@ hookimpl = pluggy.HookimplMarker("jaxpipe")
 
 
 @hookspec
-def jaxpipe_register_stages() -> list[StageKind]:
+def jaxpipe_register_stages() -> list[StageKind]:  # type: ignore[empty-body]
     """Return the stage kinds this plugin adds to :class:`~jaxpipe.Pipeline`.
 
     Each :class:`~jaxpipe.StageKind` becomes a method of ``Pipeline`` (so
@@ -84,6 +84,62 @@ def jaxpipe_fit_resume(run: Any, state: Any) -> Any:
     """
 
 
+@hookspec(firstresult=True)
+def jaxpipe_place_state(pipeline: Any, state: Any) -> Any:
+    """Put a training state on the devices it trains on, e.g. replicated over a mesh.
+
+    Called at the end of ``Pipeline.init`` (after ``jaxpipe_init_state``) and
+    by ``Pipeline.fit`` after ``jaxpipe_fit_resume``, so a restored state lands
+    where a fresh one would. The ``.data_parallel`` stage implements it.
+    Stops at the first non-None result.
+
+    Args:
+      pipeline: the :class:`~jaxpipe.Pipeline` being trained.
+      state: the :class:`~jaxpipe.TrainState`.
+
+    Returns:
+      The placed state, or None to leave it as it is.
+    """
+
+
+@hookspec(firstresult=True)
+def jaxpipe_place_batch(run: Any, batch: Any, whole: bool) -> Any:
+    """Put one host batch on the devices before the training step that reads it.
+
+    Called by ``Pipeline.fit`` before every call of the step (with the stacked
+    batches of a ``.scan(k)`` call). Across several processes, each builds its
+    part of the global batch, e.g. with ``jax.make_array_from_process_local_data``.
+    Stops at the first non-None result.
+
+    Args:
+      run: the :class:`~jaxpipe.FitRun`.
+      batch: the batch as host arrays.
+      whole: True when every process holds the whole global batch (``fit``
+        over a dict of arrays); False when each process's batch is its own
+        share (``fit`` over an iterable of batches).
+
+    Returns:
+      The batch to call the step with, or None to pass ``batch`` unchanged.
+    """
+
+
+@hookspec(firstresult=True)
+def jaxpipe_fit_progress(run: Any) -> Any:
+    """Supply the progress display of ``fit``, in place of its tqdm bar.
+
+    Called by ``Pipeline.fit`` (with ``progress=True``) before
+    ``jaxpipe_fit_start``; the notebook dashboard implements it, so a notebook
+    shows one progress display, not two. Stops at the first non-None result.
+
+    Args:
+      run: the :class:`~jaxpipe.FitRun` about to start.
+
+    Returns:
+      A tqdm-like object (``update(n)``, ``set_postfix(dict, refresh=)``,
+      ``write(text)``, ``close()``), or None for the default bar.
+    """
+
+
 @hookspec
 def jaxpipe_fit_start(run: Any, state: Any) -> None:
     """Called once before the first step of ``Pipeline.fit``.
@@ -103,7 +159,10 @@ def jaxpipe_fit_step(run: Any, state: Any, metrics: dict[str, Any]) -> None:
     Args:
       run: the :class:`~jaxpipe.FitRun`; ``run.step`` is the state's step.
       state: the state after the step.
-      metrics: that step's metrics as Python floats.
+      metrics: that step's metrics as JAX arrays, still being computed (each
+        with a leading axis of k under ``.scan(k)``); ``float()`` waits for
+        the step, so read them only when needed. ``run.history`` holds them as
+        floats, read back every ``log_every`` steps.
     """
 
 

@@ -1,1 +1,16 @@
-"""placeholder"""
+"""jaxpipe's Optax plugin: the ``.optimize(tx)`` stage.
+
+Registered only through the ``jaxpipe`` entry-point group. Optax itself is
+imported when a training step is first built, not when jaxpipe loads.
+"""
+
+from __future__ import annotations
+
+import jaxpipe
+
+
+@jaxpipe.hookimpl
+def jaxpipe_register_stages() -> list[jaxpipe.StageKind]:
+    from jaxpipe_optax._optimize import OPTIMIZE
+
+    return [OPTIMIZE]

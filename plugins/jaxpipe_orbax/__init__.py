@@ -1,1 +1,88 @@
-"""placeholder"""
+"""jaxpipe's Orbax plugin: the ``.checkpoint(directory, every=, keep=)`` stage.
+
+Registered only through the ``jaxpipe`` entry-point group. Orbax is imported
+when a run first saves or restores, so loading this plugin stays cheap.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+from jaxpipe import StageContext, StageKind, hookimpl
+from jaxpipe_orbax._checkpointer import Checkpointer as Checkpointer
+from jaxpipe_orbax._checkpointer import CheckpointWarning as CheckpointWarning
+
+__all__ = ["CheckpointWarning", "Checkpointer", "checkpoint"]
+
+
+def checkpoint(
+    fn: Callable[..., Any], directory: str | os.PathLike[str], every: int = 100, keep: int | None = 3
+) -> Callable[..., Any]:
+    """Saves the training state with Orbax every ``every`` steps, keeping the newest ``keep``.
+
+    ``trainer.init`` and ``trainer.fit`` resume from the newest complete
+    checkpoint in ``directory`` and say so; ``fit`` also saves when it ends or
+    is stopped with Ctrl-C (not after a failed step). ``keep=None`` keeps all.
+    Saves are asynchronous; nothing is written outside ``directory``.
+
+    The step function itself is returned unchanged, so
+    ``.jit().checkpoint(...)`` still builds to the ``jax.jit`` object.
+    """
+    del directory, every, keep  # read by the run hooks, not by the function
+    return fn
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _check(ctx: StageContext, options: dict[str, Any]) -> None:
+    directory = options.get("directory")
+    if not isinstance(directory, (str, os.PathLike)) or not os.fspath(directory):
+        raise TypeError(
+            f"`directory` must be a path (str or os.PathLike), got {directory!r}; e.g. .checkpoint('runs/digits')."
+        )
+    if os.path.isfile(directory):
+        raise ValueError(f"`directory` {os.fspath(directory)!r} is a file; give a directory for the checkpoints.")
+    every = options.get("every", 100)
+    if not _positive_int(every):
+        raise ValueError(f"`every` must be a positive int (steps between saves), got {every!r}; e.g. every=100.")
+    keep = options.get("keep", 3)
+    if keep is not None and not _positive_int(keep):
+        raise ValueError(
+            f"`keep` must be a positive int (how many checkpoints to keep) or None (keep all), got {keep!r}; "
+            f"e.g. keep=3."
+        )
+    if any(stage.name == "checkpoint" for stage in ctx.stages):
+        raise ValueError(
+            "this pipeline already has a `.checkpoint()` stage, and one run saves to one directory.\n"
+            "Keep a single `.checkpoint(...)`."
+        )
+
+
+def _explain(inner: str, options: dict[str, Any]) -> tuple[str, str]:
+    directory, every, keep = os.fspath(options["directory"]), options.get("every", 100), options.get("keep", 3)
+    code = (
+        "# .checkpoint(): the step is unchanged; while fit runs, Orbax saves the state:\n"
+        f"# manager = ocp.CheckpointManager({directory!r}, options=ocp.CheckpointManagerOptions(\n"
+        f"#     preservation_policy=ocp.checkpoint_managers.LatestN({keep!r})))\n"
+        f"# every {every} steps: manager.save(step, args=ocp.args.StandardSave(state))"
+    )
+    return code, inner
+
+
+CHECKPOINT = StageKind(
+    "checkpoint",
+    checkpoint,
+    check=_check,
+    explain=_explain,
+    keeps_signature=True,
+    run_hooks=lambda options: Checkpointer(**options),
+)
+
+
+@hookimpl
+def jaxpipe_register_stages() -> list[StageKind]:
+    return [CHECKPOINT]

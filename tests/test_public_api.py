@@ -1,0 +1,118 @@
+"""Pins the public surface of ``jaxpipe`` (as optax's ``optax_test.py`` does).
+
+Adding a public name? Add it to ``PUBLIC`` below, under its kind; removing or
+renaming one breaks users, so the test makes it a deliberate change.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import inspect
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pluggy
+
+import jaxpipe
+from jaxpipe import hookspecs
+
+PUBLIC: dict[str, set[str]] = {
+    "classes": {
+        "CompileEvents",
+        "Cost",
+        "FitRun",
+        "Memory",
+        "ParamSummary",
+        "Pipeline",
+        "Stage",
+        "StageContext",
+        "StageKind",
+        "Timing",
+        "TrainLoss",
+        "TrainState",
+    },
+    "errors": {"PipelineError", "PluginError", "PluginWarning", "SpecError", "UnknownStageError"},
+    "functions": {
+        "disable_compilation_cache",
+        "enable_compilation_cache",
+        "evaluate",
+        "fit",
+        "load_ipython_extension",
+        "param_summary",
+        "split_init_key",
+        "unload_ipython_extension",
+    },
+    "plugin markers": {"hookimpl"},
+}
+
+PUBLIC_MODULES = {"errors", "hookspecs"}  # documented modules; the rest start with "_"
+
+# What `import jaxpipe` must not import: each costs 0.1-0.3 s and is needed only by some features.
+HEAVY = ("flax", "orbax", "IPython", "ipywidgets", "matplotlib", "sklearn")
+
+
+def public_names() -> set[str]:
+    return {name for name, value in vars(jaxpipe).items() if not name.startswith("_") and not inspect.ismodule(value)}
+
+
+def test_public_names_are_pinned() -> None:
+    expected = set().union(*PUBLIC.values())
+    added, removed = public_names() - expected, expected - public_names()
+    assert not added, f"new public names {sorted(added)}: add them to PUBLIC in {__file__}"
+    assert not removed, f"public names gone: {sorted(removed)}"
+
+
+def test_each_name_has_its_kind() -> None:
+    for name in PUBLIC["classes"]:
+        assert inspect.isclass(getattr(jaxpipe, name)), name
+    for name in PUBLIC["errors"]:
+        assert issubclass(getattr(jaxpipe, name), Exception | Warning), name
+    for name in PUBLIC["functions"]:
+        assert inspect.isfunction(getattr(jaxpipe, name)), name
+        assert getattr(jaxpipe, name).__doc__, f"{name} needs a docstring"
+    assert isinstance(jaxpipe.hookimpl, pluggy.HookimplMarker) and jaxpipe.hookimpl.project_name == "jaxpipe"
+
+
+def test_public_objects_come_from_jaxpipe_and_are_documented() -> None:
+    for name in set().union(*PUBLIC.values()) - PUBLIC["plugin markers"]:
+        value = getattr(jaxpipe, name)
+        assert value.__module__.startswith("jaxpipe"), name
+        assert inspect.getdoc(value), f"{name} needs a docstring"
+
+
+def test_public_modules() -> None:
+    modules = {n for n, v in vars(jaxpipe).items() if isinstance(v, types.ModuleType) and not n.startswith("_")}
+    assert modules <= PUBLIC_MODULES | {"ipython", "cli"}  # the last two load on use
+
+
+def test_errors_subclass_builtins() -> None:
+    assert issubclass(jaxpipe.PipelineError, ValueError)
+    assert issubclass(jaxpipe.UnknownStageError, jaxpipe.PipelineError)
+    assert issubclass(jaxpipe.UnknownStageError, AttributeError)  # hasattr() and tab completion
+    assert issubclass(jaxpipe.PluginError, jaxpipe.PipelineError)
+    assert issubclass(jaxpipe.PluginWarning, UserWarning)
+    assert jaxpipe.errors.PipelineError is jaxpipe.PipelineError
+
+
+def test_hookspecs_are_the_plugin_authors_manual() -> None:
+    specs = {n: f for n, f in vars(hookspecs).items() if hasattr(f, "jaxpipe_spec")}
+    assert "jaxpipe_register_stages" in specs
+    for name, spec in specs.items():
+        assert name.startswith("jaxpipe_")
+        assert len(inspect.getdoc(spec) or "") > 40, f"{name} needs a docstring for plugin authors"
+
+
+def test_version_matches_the_installed_distribution() -> None:
+    assert jaxpipe.__version__ == importlib.metadata.version("jaxpipe")
+
+
+def test_typed_package() -> None:
+    assert (Path(jaxpipe.__file__).parent / "py.typed").exists()
+
+
+def test_import_jaxpipe_stays_light() -> None:
+    code = f"import sys, jaxpipe; print(' '.join(m for m in {HEAVY!r} if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    assert out.split() == [], f"`import jaxpipe` imported {out.split()}: import them where they are used"
