@@ -9,8 +9,8 @@ every step reports loss, gradient norm and learning rate on both sides.
 1. Step: ``trainer(state, batch)`` (a ``.model().optimize().jit()`` pipeline)
    against ``jax.jit(train_step)`` written by hand; ``number`` chained steps per
    round, synchronised at the end, rounds interleaved (goal: ratio <= 1.02).
-2. ``.scan(k)``: one call running k steps with ``lax.scan`` over k stacked
-   batches, against the hand-written loop of k jitted calls, dispatched
+2. ``.scan(k, unroll=2)`` (and ``unroll=1``): one call running k steps with
+   ``lax.scan`` over k stacked batches, against the hand-written loop of k jitted calls, dispatched
    asynchronously (goal on CPU: at least 1.3x faster per step) or reading the
    loss after each step as a progress bar does; and ``fit`` with ``.scan(11)``
    (one epoch per call) against ``fit`` one call per step.
@@ -146,16 +146,24 @@ def main() -> None:
     print(f"   ratio jaxpipe / hand-written   {r1:.3f}   (goal <= 1.02: {'met' if r1 <= 1.02 else 'NOT met'})")
 
     # 2. .scan(k) against the hand-written per-step loop
-    scanned = Pipeline(loss).model(model, input="image").optimize(tx, learning_rate=SCHEDULE).scan(scan_steps).jit()
+    scanned = (
+        Pipeline(loss).model(model, input="image").optimize(tx, learning_rate=SCHEDULE).scan(scan_steps, unroll=2).jit()
+    )
+    scanned_rolled = (
+        Pipeline(loss).model(model, input="image").optimize(tx, learning_rate=SCHEDULE).scan(scan_steps).jit()
+    )
     stacked = jax.device_put({k: v.reshape(scan_steps, BATCH, *v.shape[1:]) for k, v in train.items()})
     singles = [jax.device_put({k: v[i * BATCH : (i + 1) * BATCH] for k, v in train.items()}) for i in range(scan_steps)]
     calls = max(1, number // scan_steps)
 
-    def scan_rounds():
-        s = state
-        for _ in range(calls):
-            s, metrics = scanned(s, stacked)
-        return s, metrics
+    def scan_rounds(pipe: Pipeline = scanned) -> Callable[[], object]:
+        def run():
+            s = state
+            for _ in range(calls):
+                s, metrics = pipe(s, stacked)
+            return s, metrics
+
+        return run
 
     def reading_loss(step: Callable, batches: list) -> Callable[[], object]:
         """The loop with a progress bar: the loss read back (a sync) after every step."""
@@ -176,7 +184,8 @@ def main() -> None:
         return lambda: pipe.fit(state, examples, epochs=epochs, batch_size=BATCH, progress=False)
 
     candidates = {
-        "scan": scan_rounds,
+        "scan": scan_rounds(scanned),
+        "scan unroll=1": scan_rounds(scanned_rolled),
         "async loop": chained(hand, state, singles * calls),
         "synced loop": reading_loss(hand, singles * calls),
         "fit scan": fit_for(per_epoch, calls * scan_steps // 11),
@@ -187,7 +196,12 @@ def main() -> None:
     fit_total = (total // 11) * 11
     r2 = ratio(rounds["async loop"], rounds["scan"])
     print(f"\n2. .scan({scan_steps}) against hand-written per-step loops, {total} steps per round")
-    print(f"   jaxpipe .scan({scan_steps}).jit()        {format_seconds(min(rounds['scan']) / total):>9}/step")
+    print(f"   jaxpipe .scan({scan_steps}, unroll=2).jit() {format_seconds(min(rounds['scan']) / total):>9}/step")
+    rolled = ratio(rounds["async loop"], rounds["scan unroll=1"])
+    print(
+        f"   jaxpipe .scan({scan_steps}).jit()        {format_seconds(min(rounds['scan unroll=1']) / total):>9}/step"
+        f"   {rolled:.2f}x faster than the async loop"
+    )
     for name, what in (("async loop", "loop, async dispatch"), ("synced loop", "loop reading the loss")):
         speed = ratio(rounds[name], rounds["scan"])
         print(

@@ -301,8 +301,10 @@ def fit(
             pending.clear()
 
         hook.jaxpipe_fit_start(run=run, state=state)
-        try:
-            with _graceful_interrupt(run):
+        # Ctrl-C (or a kernel interrupt from the dashboard's Stop button) stays "stop after this step"
+        # until the end hooks have saved: a late one must not cut a checkpoint short.
+        with _graceful_interrupt(run):
+            try:
                 for count, batch in calls:
                     epoch_before = run.epoch
                     on_devices = hook.jaxpipe_place_batch(run=run, batch=batch, whole=whole_batches)
@@ -323,13 +325,13 @@ def fit(
                     if total is None and run.step > run.start_step:  # the end of data of unknown length
                         read_back()
                         _end_epoch(pipe, run, state, eval_data, eval_batch_size, bar, hook)
-            read_back()
-        except BaseException as err:
-            run.error = err
-            raise
-        finally:
-            bar.close()
-            hook.jaxpipe_fit_end(run=run, state=state)
+                read_back()
+            except BaseException as err:
+                run.error = err
+                raise
+            finally:
+                bar.close()
+                hook.jaxpipe_fit_end(run=run, state=state)
     return state
 
 

@@ -293,16 +293,17 @@ class Pipeline:
         """
         return self._add(BUILTIN_STAGES["debug"], (), {})
 
-    def scan(self, steps: int) -> Pipeline:
+    def scan(self, steps: int, unroll: int | bool = 1) -> Pipeline:
         """Runs ``steps`` training steps per call with ``jax.lax.scan``.
 
         The step ``(state, batch) -> (state, metrics)`` becomes
         ``(state, batches) -> (state, metrics)``, where each leaf of ``batches``
         has a leading axis of ``steps`` and each metric gains one. Like Keras's
         ``steps_per_execution``: for small models whose steps are dominated by
-        Python dispatch. Put it before ``.jit()``.
+        Python dispatch. Put it before ``.jit()``. ``unroll`` is
+        ``jax.lax.scan``'s (e.g. 2 lets XLA overlap two small steps).
         """
-        return self._add(BUILTIN_STAGES["scan"], (), dict(steps=steps))
+        return self._add(BUILTIN_STAGES["scan"], (), dict(steps=steps, unroll=unroll))
 
     # --- building and calling ----------------------------------------------------
 

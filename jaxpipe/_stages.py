@@ -308,17 +308,19 @@ def _explain_debug(inner: str, options: dict[str, Any]) -> tuple[str, str]:
 # --- the scan stage ------------------------------------------------------------
 
 
-def scan(step: Callable[..., Any], steps: int) -> Callable[..., Any]:
+def scan(step: Callable[..., Any], steps: int, unroll: int | bool = 1) -> Callable[..., Any]:
     """Runs several training steps per call with ``jax.lax.scan``.
 
     ``steps`` is how many batches ``fit`` stacks per call; the scanned function
     accepts any number of stacked batches (a shorter last group recompiles once).
+    ``unroll`` is ``jax.lax.scan``'s: steps per loop iteration, which lets XLA
+    overlap consecutive small steps.
     """
     del steps  # used by fit to stack batches; lax.scan reads the length from them
 
     @functools.wraps(step)
     def scanned(state: Any, batches: Any) -> Any:
-        return jax.lax.scan(step, state, batches)
+        return jax.lax.scan(step, state, batches, unroll=unroll)
 
     return scanned
 
@@ -328,13 +330,17 @@ def _check_scan(ctx: StageContext, options: dict[str, Any]) -> None:
     steps = options.get("steps")
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"`steps` must be a positive int (batches per call), got {steps!r}; e.g. .scan(50).")
+    unroll = options.get("unroll", 1)
+    if not isinstance(unroll, int) or (not isinstance(unroll, bool) and unroll < 1):
+        raise ValueError(f"`unroll` must be a positive int or a bool, as for jax.lax.scan, got {unroll!r}.")
 
 
 def _explain_scan(inner: str, options: dict[str, Any]) -> tuple[str, str]:
     code = (
         "def scanned(state, batches):  # each leaf of batches: "
         f"[{options['steps']}, ...] stacked batches\n"
-        f"    return jax.lax.scan({inner}, state, batches)"
+        f"    return jax.lax.scan({inner}, state, batches"
+        + (f", unroll={options['unroll']!r})" if "unroll" in options else ")")
     )
     return code, "scanned"
 

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import jax
@@ -71,6 +70,35 @@ class TrainLoss(Protocol):
     def train(self, params: Any, batch: Any, key: jax.Array, model_state: Any) -> tuple[jax.Array, tuple[dict, Any]]:
         """``(loss, (metrics, new_model_state))`` in training mode, for ``jax.value_and_grad(has_aux=True)``."""
         ...
+
+
+def loss_and_metrics(value: Any, name: str, stage_name: str) -> tuple[jax.Array, dict[str, Any]]:
+    """``(loss, metrics)`` from what a loss returned: a scalar, or ``(scalar, dict of metrics)``.
+
+    The one rule every training stage applies to a user's loss, so the errors read the same.
+
+    Args:
+      value: the loss function's result.
+      name: the loss function's name, for messages.
+      stage_name: the stage that called it, for messages.
+    """
+    metrics: Any = {}
+    if isinstance(value, tuple) and len(value) == 2:
+        value, metrics = value
+        if not isinstance(metrics, Mapping):
+            raise PipelineError(
+                f"`{name}` returned a pair, so its second item should be a dict of metrics, "
+                f"got {type(metrics).__name__}.\nReturn `loss` or `(loss, {{'name': value, ...}})`.",
+                stage_name=stage_name,
+            )
+    if jnp.shape(value) != ():
+        raise PipelineError(
+            f"`{name}` must return one number to train on, but it returned an array of shape "
+            f"{jnp.shape(value)}.\nReduce it over the batch, e.g. `return losses.mean()`; "
+            f"return other values as metrics: `return loss, {{'name': value}}`.",
+            stage_name=stage_name,
+        )
+    return value, dict(metrics)
 
 
 def split_init_key(key: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -144,67 +172,3 @@ def run_hooks(pipe: Pipeline, extra: Sequence[object] = ()) -> Iterator[Any]:
 def scan_steps(pipe: Pipeline) -> int:
     """Batches per call: the ``.scan(k)`` stage's k, else 1."""
     return next((s.options["steps"] for s in pipe.stages if s.name == "scan"), 1)
-
-
-@dataclasses.dataclass(frozen=True)
-class ParamSummary:
-    """Shapes, dtypes and sizes of the arrays in a pytree, shown as a table.
-
-    Attributes:
-      rows: ``(path, shape, dtype, count)`` for each array, in pytree order.
-      nbytes: the arrays' total size in bytes.
-    """
-
-    rows: tuple[tuple[str, tuple[int, ...], str, int], ...]
-    nbytes: int
-
-    @property
-    def count(self) -> int:
-        """The number of scalars in all arrays together."""
-        return sum(row[3] for row in self.rows)
-
-    def __str__(self) -> str:
-        table = [("path", "shape", "dtype", "count")]
-        table += [(path, str(shape), dtype, f"{count:,}") for path, shape, dtype, count in self.rows]
-        widths = [max(len(row[i]) for row in table) for i in range(4)]
-        lines = [
-            "  ".join([*(c.ljust(w) for c, w in zip(row[:3], widths[:3], strict=True)), row[3].rjust(widths[3])])
-            for row in table
-        ]
-        arrays = f"{len(self.rows)} array{'s' if len(self.rows) != 1 else ''}"
-        lines.append(f"total: {self.count:,} parameters in {arrays}, {_format_bytes(self.nbytes)}")
-        return "\n".join(line.rstrip() for line in lines)
-
-    __repr__ = __str__
-
-
-def param_summary(tree: Any) -> ParamSummary:
-    """A table of a pytree's arrays: path, shape, dtype and count, with totals.
-
-    Works on anything ``jax.tree`` can flatten: Flax parameters, a
-    :class:`TrainState`'s ``params``, optimizer states.
-
-    >>> import jax.numpy as jnp
-    >>> print(param_summary({"dense": {"kernel": jnp.zeros((64, 10)), "bias": jnp.zeros(10)}}))
-    path          shape     dtype    count
-    dense/bias    (10,)     float32     10
-    dense/kernel  (64, 10)  float32    640
-    total: 650 parameters in 2 arrays, 2.5 KiB
-    """
-    rows = []
-    nbytes = 0
-    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-        shape = tuple(getattr(leaf, "shape", ()))
-        dtype = getattr(leaf, "dtype", None)
-        count = math.prod(shape)
-        rows.append((jax.tree_util.keystr(path, simple=True, separator="/"), shape, str(dtype), count))
-        nbytes += getattr(leaf, "nbytes", 0) or 0
-    return ParamSummary(tuple(rows), nbytes)
-
-
-def _format_bytes(size: float) -> str:
-    units = ("B", "KiB", "MiB", "GiB")
-    unit = 0
-    while size >= 1024 and unit < len(units) - 1:
-        size, unit = size / 1024, unit + 1
-    return f"{size:.0f} B" if unit == 0 else f"{size:.1f} {units[unit]}"

@@ -22,7 +22,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxpipe import PipelineError, StageContext, StageKind, TrainState
+from jaxpipe import PipelineError, StageContext, StageKind, TrainState, loss_and_metrics
 
 # Call arguments that switch a module between training and evaluation, with their training values.
 TRAIN_FLAGS = {
@@ -230,28 +230,7 @@ class ModelLoss:
                 f"Add {key!r} to every batch (and the sample batch), or change the loss to use one of those keys.",
                 stage_name="model",
             ) from err
-        return _scalar_loss(value, self.__name__)
-
-
-def _scalar_loss(value: Any, name: str) -> tuple[jax.Array, dict[str, Any]]:
-    """``(loss, metrics)`` from a loss's result: a scalar, or ``(scalar, dict of metrics)``."""
-    metrics: Any = {}
-    if isinstance(value, tuple) and len(value) == 2:
-        value, metrics = value
-        if not isinstance(metrics, Mapping):
-            raise PipelineError(
-                f"`{name}` returned a pair, so its second item should be a dict of metrics, "
-                f"got {type(metrics).__name__}.\nReturn `loss` or `(loss, {{'name': value, ...}})`.",
-                stage_name="model",
-            )
-    if jnp.shape(value) != ():
-        raise PipelineError(
-            f"`{name}` must return one number to train on, but it returned an array of shape "
-            f"{jnp.shape(value)}.\nReduce it over the batch, e.g. `return losses.mean()`; "
-            f"return other values as metrics: `return loss, {{'name': value}}`.",
-            stage_name="model",
-        )
-    return value, dict(metrics)
+        return loss_and_metrics(value, self.__name__, "model")
 
 
 def _is_shape_error(err: Exception) -> bool:

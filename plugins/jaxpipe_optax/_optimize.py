@@ -10,13 +10,13 @@ mutable collections) or on a plain loss ``(params, batch) -> loss`` or
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from jaxpipe import PipelineError, StageContext, StageKind, TrainLoss, TrainState
+from jaxpipe import PipelineError, StageContext, StageKind, TrainLoss, TrainState, loss_and_metrics
 
 
 def _has_lr(value: Any) -> bool:
@@ -31,27 +31,6 @@ def _injected_learning_rate(opt_state: Any) -> Any:
         return optax.tree_utils.tree_get(opt_state, "learning_rate", filtering=lambda path, v: _has_lr(v))
     except KeyError:  # several optimizers in the chain: no single learning rate to report
         return None
-
-
-def _scalar_loss(value: Any, name: str) -> tuple[jax.Array, dict[str, Any]]:
-    """``(loss, metrics)`` from a loss's result: a scalar, or ``(scalar, dict of metrics)``."""
-    metrics: Any = {}
-    if isinstance(value, tuple) and len(value) == 2:
-        value, metrics = value
-        if not isinstance(metrics, Mapping):
-            raise PipelineError(
-                f"`{name}` returned a pair, so its second item should be a dict of metrics, "
-                f"got {type(metrics).__name__}.\nReturn `loss` or `(loss, {{'name': value, ...}})`.",
-                stage_name="optimize",
-            )
-    if jnp.shape(value) != ():
-        raise PipelineError(
-            f"`{name}` must return one number to train on, but it returned an array of shape "
-            f"{jnp.shape(value)}.\nReduce it over the batch, e.g. `return losses.mean()`; "
-            f"return other values as metrics: `return loss, {{'name': value}}`.",
-            stage_name="optimize",
-        )
-    return value, dict(metrics)
 
 
 def _check_state(state: Any) -> None:
@@ -87,7 +66,7 @@ def optimize(loss: Callable[..., Any], tx: Any, *, learning_rate: Any = None) ->
     def objective(params: Any, batch: Any, key: Any, model_state: Any) -> Any:
         if train is not None:
             return train(params, batch, key, model_state)
-        value, metrics = _scalar_loss(loss(params, batch), name)
+        value, metrics = loss_and_metrics(loss(params, batch), name, "optimize")
         return value, (metrics, model_state)
 
     def train_step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -147,7 +126,7 @@ def _evaluate(loss: Callable[..., Any], tx: Any, **options: Any) -> Callable[...
     name = getattr(loss, "__name__", type(loss).__name__)
 
     def evaluate(state: TrainState, batch: Any) -> dict[str, jax.Array]:
-        value, metrics = _scalar_loss(loss(state.params, batch), name)
+        value, metrics = loss_and_metrics(loss(state.params, batch), name, "optimize")
         return {**metrics, "loss": value}
 
     return evaluate
