@@ -52,7 +52,7 @@ def test_plugins_lists_stages_by_plugin_with_readable_signatures(tmp_path: Path)
     assert re.search(
         r"^  \.jit\(static_argnums=None, static_argnames=None, donate_argnums=None, .*\.\.\.\)$", builtin, re.M
     )
-    assert "  .debug()" in builtin and "  .scan(steps)" in builtin
+    assert "  .debug()" in builtin and "  .scan(steps, unroll=1)" in builtin
     assert ": '" not in out and "int |" not in out  # no type annotations anywhere
     probe = groups["probe (jaxpipe_cli_probe, jaxpipe-cli-probe 0.3)"]
     assert probe == [

@@ -29,15 +29,6 @@ from jaxpipe.ipython.widgets import TIMING_NUMBER, VIEWS, Inspector
 NASTY = ["<script>alert(1)</script>", "a&b"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def close_widgets():
-    """Closes this module's widgets while their comms still exist (not at interpreter exit)."""
-    yield
-    import ipywidgets
-
-    ipywidgets.Widget.close_all()
-
-
 class Tags(HTMLParser):
     """The start tags of an HTML text, to check that user data never became markup."""
 
