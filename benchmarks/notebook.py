@@ -32,7 +32,7 @@ import jax
 from IPython.core.interactiveshell import InteractiveShell
 
 from jaxpipe._cache import CompileEvents
-from jaxpipe._inspect import format_seconds
+from jaxpipe._inspect import format_seconds, paired_ratio
 
 LOAD_EXT = """
 import gc, sys, time, jax
@@ -175,7 +175,7 @@ def jit_timing_accuracy(shell: InteractiveShell, label: str, setup: str, number:
         else:
             hand.append(by_hand())
             magic.append(by_magic())
-    ratio = statistics.median(m / h for m, h in zip(magic, hand, strict=True))
+    ratio = paired_ratio(magic, hand)
     print(
         f"%jit_timing steady state on {label}: {format_seconds(statistics.median(magic))} vs hand-timed loop "
         f"{format_seconds(statistics.median(hand))} per call ({rounds} paired rounds of {number} calls): "

@@ -25,9 +25,7 @@ import argparse
 import os
 import platform
 import shutil
-import statistics
 import tempfile
-import time
 from collections.abc import Callable
 
 import flax.linen as nn
@@ -36,7 +34,7 @@ import numpy as np
 import optax
 
 from jaxpipe import Pipeline
-from jaxpipe._inspect import format_seconds
+from jaxpipe._inspect import format_seconds, paired_ratio, paired_rounds
 
 BATCH, FEATURES, CLASSES = 128, 64, 10
 
@@ -88,25 +86,6 @@ def data(size: int) -> dict[str, np.ndarray]:
     }
 
 
-def paired(candidates: dict[str, Callable[[], object]], repeat: int) -> dict[str, list[float]]:
-    """Seconds per round of each candidate, rounds interleaved in alternating order."""
-    for run in candidates.values():  # compile and warm up
-        jax.block_until_ready(run())
-    rounds: dict[str, list[float]] = {name: [] for name in candidates}
-    names = list(candidates)
-    for index in range(repeat):
-        for name in names if index % 2 == 0 else names[::-1]:
-            start = time.perf_counter()
-            jax.block_until_ready(candidates[name]())
-            rounds[name].append(time.perf_counter() - start)
-    return rounds
-
-
-def ratio(a: list[float], b: list[float]) -> float:
-    """Median over rounds of a[i] / b[i]: robust to load that comes and goes."""
-    return statistics.median(x / y for x, y in zip(a, b, strict=True))
-
-
 def chained(step: Callable, state, batches: list) -> Callable[[], object]:
     def run():
         s = state
@@ -138,8 +117,10 @@ def main() -> None:
 
     # 1. one step
     steps = [batch] * number
-    rounds = paired({"jaxpipe": chained(trainer, state, steps), "hand": chained(hand, state, steps)}, repeat)
-    r1 = ratio(rounds["jaxpipe"], rounds["hand"])
+    rounds = paired_rounds(
+        {"jaxpipe": chained(trainer, state, steps), "hand": chained(hand, state, steps)}, (), number=1, repeat=repeat
+    )
+    r1 = paired_ratio(rounds["jaxpipe"], rounds["hand"])
     print(f"\n1. training step, {number} chained steps per round, {repeat} rounds (same lowered program: {same})")
     print(f"   jaxpipe trainer(state, batch)  {format_seconds(min(rounds['jaxpipe']) / number):>9}/step")
     print(f"   hand-written jax.jit step      {format_seconds(min(rounds['hand']) / number):>9}/step")
@@ -191,23 +172,23 @@ def main() -> None:
         "fit scan": fit_for(per_epoch, calls * scan_steps // 11),
         "fit": fit_for(trainer, calls * scan_steps // 11),
     }
-    rounds = paired(candidates, repeat)
+    rounds = paired_rounds(candidates, (), number=1, repeat=repeat)
     total = calls * scan_steps
     fit_total = (total // 11) * 11
-    r2 = ratio(rounds["async loop"], rounds["scan"])
+    r2 = paired_ratio(rounds["async loop"], rounds["scan"])
     print(f"\n2. .scan({scan_steps}) against hand-written per-step loops, {total} steps per round")
     print(f"   jaxpipe .scan({scan_steps}, unroll=2).jit() {format_seconds(min(rounds['scan']) / total):>9}/step")
-    rolled = ratio(rounds["async loop"], rounds["scan unroll=1"])
+    rolled = paired_ratio(rounds["async loop"], rounds["scan unroll=1"])
     print(
         f"   jaxpipe .scan({scan_steps}).jit()        {format_seconds(min(rounds['scan unroll=1']) / total):>9}/step"
         f"   {rolled:.2f}x faster than the async loop"
     )
     for name, what in (("async loop", "loop, async dispatch"), ("synced loop", "loop reading the loss")):
-        speed = ratio(rounds[name], rounds["scan"])
+        speed = paired_ratio(rounds[name], rounds["scan"])
         print(
             f"   hand-written {what:<21} {format_seconds(min(rounds[name]) / total):>9}/step   scan {speed:.2f}x faster"
         )
-    r_fit = ratio(rounds["fit"], rounds["fit scan"])
+    r_fit = paired_ratio(rounds["fit"], rounds["fit scan"])
     print(f"   fit, .scan(11) (one epoch/call) {format_seconds(min(rounds['fit scan']) / fit_total):>9}/step")
     fit_step = format_seconds(min(rounds["fit"]) / fit_total)
     print(f"   fit, one call per step         {fit_step:>9}/step   scan {r_fit:.2f}x faster")
@@ -228,9 +209,11 @@ def main() -> None:
 
             return run
 
-        rounds = paired({"checkpoint": fit(checkpointed), "none": fit(trainer)}, max(3, repeat // 2))
+        rounds = paired_rounds(
+            {"checkpoint": fit(checkpointed), "none": fit(trainer)}, (), number=1, repeat=max(3, repeat // 2)
+        )
         saved = sorted(int(p) for p in os.listdir(directory) if p.isdigit())
-    r3 = ratio(rounds["checkpoint"], rounds["none"])
+    r3 = paired_ratio(rounds["checkpoint"], rounds["none"])
     print(f"\n3. fit, {fit_steps} steps, with .checkpoint(every=100, keep=3) against none (steps kept: {saved})")
     print(f"   with async checkpoints         {format_seconds(min(rounds['checkpoint'])):>9}")
     print(f"   without                        {format_seconds(min(rounds['none'])):>9}")

@@ -120,9 +120,10 @@ class Pipeline:
 
         reg = registry()
         kind = reg.kinds.get(name)
-        if kind is None:  # raises UnknownStageError or PluginError, placed in this pipeline
-            reg.lookup(name, stage=len(self._stages) + 1, stage_name=name, pipeline=f"{self!r}.{name}()")
-        return reg.lookup(name)
+        if kind is not None:
+            return kind
+        # raises UnknownStageError or PluginError, placed in this pipeline (formatted only on this path)
+        return reg.lookup(name, stage=len(self._stages) + 1, stage_name=name, pipeline=f"{self!r}.{name}()")
 
     def _add(self, kind: StageKind, args: tuple[Any, ...], options: Mapping[str, Any]) -> Pipeline:
         __tracebackhide__ = True

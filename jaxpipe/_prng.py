@@ -68,7 +68,6 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
-import jax.extend.core
 import numpy as np
 
 from jaxpipe._pipeline import Pipeline
@@ -481,6 +480,8 @@ class _Analysis:
         return self.run(getattr(closed, "jaxpr", closed), consts, args, ctx)
 
     def run(self, jaxpr: Any, consts: list[_Abs], args: list[_Abs], ctx: _Context) -> list[_Abs]:
+        import jax.extend.core  # here, not at module top: it costs `import jaxpipe` about 20 ms
+
         env: dict[Any, _Abs] = dict(zip(jaxpr.constvars, consts, strict=True))
         env.update(zip(jaxpr.invars, args, strict=True))
 
@@ -514,6 +515,8 @@ class _Analysis:
 
     def data(self, eqn: Any, ins: list[_Abs]) -> list[_Abs]:
         """Value numbering, and exact values for small integer computations."""
+        import jax.extend.core
+
         name, outs = eqn.primitive.name, eqn.outvars
         if eqn.effects or any(True for _ in jax.extend.core.jaxprs_in_params(eqn.params)):
             return [self.fresh() for _ in outs]
