@@ -1,21 +1,39 @@
-"""The plugin manager: hook specs, entry-point loading, per-plugin isolation.
+"""The plugin manager: entry-point loading, per-plugin isolation, per-run registration.
 
 pluggy's own ``load_setuptools_entrypoints`` stops at the first plugin that
 fails to import; here each entry point loads on its own, and a failure becomes
-one :class:`~jaxpipe.errors.PluginWarning` naming that plugin.
+one :class:`~jaxpipe.errors.PluginWarning` naming that plugin. An installed
+plugin's run hooks are guarded the same way (the rule is in
+:mod:`jaxpipe.hookspecs`).
+
+There is one manager per process. ``init`` and ``fit`` register the run's own
+hook objects (the stages' ``run_hooks`` and ``fit(hooks=...)``) in it for the
+run's duration, and call hooks through a subset that leaves out the objects of
+other runs in progress (another thread's ``fit``), so one pipeline's
+checkpointer never sees another pipeline's steps.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import importlib.metadata
+import inspect
 import os
+import threading
 import warnings
+from collections.abc import Iterator, Sequence
+from collections.abc import Set as AbstractSet
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
 from jaxpipe import hookspecs
 from jaxpipe.errors import PluginWarning
+
+if TYPE_CHECKING:
+    from jaxpipe._pipeline import Pipeline
 
 ENTRY_POINT_GROUP = "jaxpipe"
 BLOCK_ENV = "JAXPIPE_DISABLE_PLUGINS"
@@ -27,9 +45,9 @@ def blocked_plugins() -> frozenset[str]:
     return frozenset(name for name in raw.replace(",", " ").split() if name)
 
 
-def warn_plugin(name: str, what: str, err: BaseException) -> None:
+def warn_plugin(name: str, what: str, err: BaseException, outcome: str = "was skipped") -> None:
     warnings.warn(
-        f"jaxpipe plugin {name!r} {what} and was skipped: {type(err).__name__}: {err}. "
+        f"jaxpipe plugin {name!r} {what} and {outcome}: {type(err).__name__}: {err}. "
         f"Fix or update the plugin, or block it with {BLOCK_ENV}={name}.",
         PluginWarning,
         stacklevel=3,
@@ -47,8 +65,10 @@ def plugin_manager() -> pluggy.PluginManager:
         if pm.is_blocked(ep.name) or pm.has_plugin(ep.name):
             continue
         try:
-            pm.register(ep.load(), name=ep.name)
-        except Exception as err:  # one broken plugin must not stop the others
+            pm.register(_Isolated(ep.name, ep.load(), pm), name=ep.name)
+        except KeyboardInterrupt:  # Ctrl-C while importing: the user's, not the plugin's
+            raise
+        except BaseException as err:  # one broken plugin (even one calling sys.exit) must not stop the others
             warn_plugin(ep.name, f"({ep.value}) could not be loaded", err)
     while True:  # a misspelt hook name fails loudly, but only for its plugin
         try:
@@ -67,3 +87,125 @@ def reset() -> None:
 
     plugin_manager.cache_clear()
     _registry.registry.cache_clear()
+
+
+# --- isolation of installed plugins' run hooks ---------------------------------------
+
+
+class _Run:
+    """One ``init`` or ``fit``: the plugin hooks it turned off after they raised."""
+
+    def __init__(self) -> None:
+        self.disabled: set[tuple[str, str]] = set()
+
+
+_current_run: contextvars.ContextVar[_Run | None] = contextvars.ContextVar("jaxpipe_run", default=None)
+
+
+class _Isolated:
+    """An installed plugin as the manager holds it: the same hooks, each run hook guarded.
+
+    ``module`` is the plugin itself (``jaxpipe plugins`` reads its hooks here).
+    Hook wrappers (``wrapper=True``) are registered unguarded: they see the
+    other hooks' results and errors, so they cannot be skipped on their own.
+    """
+
+    def __init__(self, name: str, plugin: object, pm: pluggy.PluginManager) -> None:
+        self.module = plugin
+        for attr in dir(plugin):
+            opts = pm.parse_hookimpl_opts(plugin, attr)
+            if opts is None:
+                continue
+            fn = getattr(plugin, attr)
+            wrapper = opts.get("wrapper") or opts.get("hookwrapper")
+            self.__dict__[attr] = fn if wrapper or attr == "jaxpipe_register_stages" else _guard(name, attr, fn)
+
+    def __repr__(self) -> str:
+        return f"<jaxpipe plugin {self.module!r}>"
+
+
+def _guard(plugin: str, hook: str, fn: Any) -> Any:
+    """``fn`` that turns its exceptions into one PluginWarning and no result."""
+    argnames = list(inspect.signature(fn).parameters)
+
+    @functools.wraps(fn)
+    def guarded(*args: Any) -> Any:
+        run = _current_run.get()
+        if run is not None and (plugin, hook) in run.disabled:
+            return None
+        try:
+            return fn(*args)
+        except KeyboardInterrupt as err:  # Ctrl-C, or a plugin asking to stop: stop as Ctrl-C does in fit
+            fit_run = dict(zip(argnames, args, strict=False)).get("run")
+            if fit_run is None:
+                raise
+            fit_run.interrupted = True
+            fit_run.stop()
+            warn_plugin(plugin, f"raised KeyboardInterrupt in {hook}", err, "fit stops after this step")
+            return None
+        except BaseException as err:  # SystemExit too: a plugin must not end the user's run
+            if run is not None:
+                run.disabled.add((plugin, hook))
+            warn_plugin(plugin, f"raised in {hook}", err, "that hook is off for the rest of this run")
+            return None
+
+    return guarded
+
+
+# --- per-run registration ----------------------------------------------------------------
+
+
+_owners: dict[int, tuple[object, _Run]] = {}  # id(object) -> (object, its run), for the objects runs registered
+_lock = threading.Lock()
+
+
+class _OtherRuns(AbstractSet[object]):
+    """The hook objects registered by runs other than ``run``, read live on every call."""
+
+    def __init__(self, run: _Run) -> None:
+        self.run = run
+
+    def __contains__(self, plugin: object) -> bool:
+        owner = _owners.get(id(plugin))
+        return owner is not None and owner[1] is not self.run
+
+    def __iter__(self) -> Iterator[object]:
+        return iter([obj for obj, run in list(_owners.values()) if run is not self.run])
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+class _Relay:
+    """``relay.jaxpipe_fit_step(run=..., ...)``: the hook as this run sees it."""
+
+    def __init__(self, pm: pluggy.PluginManager, run: _Run) -> None:
+        self._pm, self._others = pm, _OtherRuns(run)
+
+    def __getattr__(self, name: str) -> Any:
+        caller = self._pm.subset_hook_caller(name, remove_plugins=self._others)
+        setattr(self, name, caller)
+        return caller
+
+
+@contextlib.contextmanager
+def run_hooks(pipe: Pipeline, extra: Sequence[object] = ()) -> Iterator[Any]:
+    """The hooks of one run: every plugin, this pipeline's stage hooks, and ``extra``."""
+    pm = plugin_manager()
+    run = _Run()
+    registered: list[object] = []
+    token = _current_run.set(run)
+    try:
+        objects = [s.kind.run_hooks(dict(s.options)) for s in pipe.stages if s.kind.run_hooks is not None]
+        for obj in [*objects, *extra]:
+            with _lock:
+                pm.register(obj)
+                _owners[id(obj)] = (obj, run)
+            registered.append(obj)
+        yield _Relay(pm, run)
+    finally:
+        _current_run.reset(token)
+        with _lock:
+            for obj in registered:
+                pm.unregister(obj)
+                del _owners[id(obj)]

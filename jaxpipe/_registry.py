@@ -76,7 +76,9 @@ def registry() -> Registry:
             ]
             if invalid:
                 raise ValueError(f"stage name {invalid[0]!r} is not a public Python identifier")
-        except Exception as err:
+        except KeyboardInterrupt:
+            raise
+        except BaseException as err:  # SystemExit too: one plugin must not end every stage lookup
             warn_plugin(plugin, "failed in jaxpipe_register_stages", err)
             continue
         for kind in result:

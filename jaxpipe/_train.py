@@ -8,17 +8,14 @@ Orbax ``.checkpoint``) may then swap the fresh state for a restored one.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
-import pluggy
 
-from jaxpipe import hookspecs
-from jaxpipe._plugins import plugin_manager
+from jaxpipe._plugins import run_hooks as run_hooks  # re-exported: fit and older code import it from here
 from jaxpipe.errors import PipelineError
 
 if TYPE_CHECKING:
@@ -147,26 +144,6 @@ def init(pipe: Pipeline, key: jax.Array, sample_batch: Any, params: Any = None) 
         state = state if restored is None else restored
         placed = hook.jaxpipe_place_state(pipeline=pipe, state=state)
     return state if placed is None else placed
-
-
-@contextlib.contextmanager
-def run_hooks(pipe: Pipeline, extra: Sequence[object] = ()) -> Iterator[Any]:
-    """A hook relay for one run: every plugin, this pipeline's stage hooks, and ``extra``.
-
-    A fresh manager per run keeps one pipeline's checkpoint hooks out of
-    another pipeline's run.
-    """
-    pm = pluggy.PluginManager("jaxpipe")
-    pm.add_hookspecs(hookspecs)
-    shared = plugin_manager()
-    for plugin in shared.get_plugins():
-        pm.register(plugin, name=shared.get_name(plugin))
-    for stage in pipe.stages:
-        if stage.kind.run_hooks is not None:
-            pm.register(stage.kind.run_hooks(dict(stage.options)))
-    for obj in extra:
-        pm.register(obj)
-    yield pm.hook
 
 
 def scan_steps(pipe: Pipeline) -> int:

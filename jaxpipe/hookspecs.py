@@ -8,9 +8,26 @@ group in the plugin's ``pyproject.toml``::
     nancheck = "jaxpipe_nancheck"
 
 Import heavy libraries inside the hook bodies, not at module top, so that
-``import jaxpipe`` stays fast. A plugin that fails to import, or whose hook
-raises, is skipped with one :class:`~jaxpipe.errors.PluginWarning`; block a
-plugin by name with ``JAXPIPE_DISABLE_PLUGINS=name1,name2``.
+``import jaxpipe`` stays fast. Block a plugin by name with
+``JAXPIPE_DISABLE_PLUGINS=name1,name2``.
+
+Isolation, who is protected from whom:
+
+- An installed plugin (an entry point) is code the user did not write for this
+  run, so it cannot end the run. If it fails to import (even by ``sys.exit``),
+  or its ``jaxpipe_register_stages`` raises, it is skipped with one
+  :class:`~jaxpipe.errors.PluginWarning`. If one of its run hooks (the hooks
+  below, called by ``init``/``fit``) raises, one PluginWarning names the plugin
+  and the hook, that hook of that plugin is off for the rest of the run, and
+  training and saving go on. ``KeyboardInterrupt`` in its hook during ``fit``
+  means what Ctrl-C means there: stop after the current step (end hooks and
+  the final checkpoint still run); elsewhere it propagates. Hook wrappers
+  (``wrapper=True``) are not guarded.
+- A stage's run hooks (``StageKind.run_hooks``, e.g. the ``.checkpoint()``
+  saver) are part of the pipeline the user asked for, and the objects passed as
+  ``fit(hooks=[...])`` are the user's own code: their exceptions propagate and
+  end the run, so a checkpoint that could not be written is never a warning
+  that scrolls by.
 """
 
 from __future__ import annotations
@@ -20,7 +37,10 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
+    from jaxpipe._fit import FitRun
+    from jaxpipe._pipeline import Pipeline
     from jaxpipe._stages import StageKind
+    from jaxpipe._train import TrainState
 
 hookspec = pluggy.HookspecMarker("jaxpipe")
 hookimpl = pluggy.HookimplMarker("jaxpipe")
@@ -53,7 +73,7 @@ def jaxpipe_register_stages() -> list[StageKind]:  # type: ignore[empty-body]
 
 
 @hookspec(firstresult=True)
-def jaxpipe_init_state(pipeline: Any, state: Any) -> Any:
+def jaxpipe_init_state(pipeline: Pipeline, state: TrainState) -> TrainState | None:
     """Replace a freshly initialised training state, e.g. by a restored one.
 
     Called at the end of ``Pipeline.init`` with the state built by the stages'
@@ -69,7 +89,7 @@ def jaxpipe_init_state(pipeline: Any, state: Any) -> Any:
 
 
 @hookspec(firstresult=True)
-def jaxpipe_fit_resume(run: Any, state: Any) -> Any:
+def jaxpipe_fit_resume(run: FitRun, state: TrainState) -> TrainState | None:
     """Give ``fit`` a newer state to continue from, e.g. the latest checkpoint.
 
     Called once at the start of ``Pipeline.fit`` before ``jaxpipe_fit_start``.
@@ -85,7 +105,7 @@ def jaxpipe_fit_resume(run: Any, state: Any) -> Any:
 
 
 @hookspec(firstresult=True)
-def jaxpipe_place_state(pipeline: Any, state: Any) -> Any:
+def jaxpipe_place_state(pipeline: Pipeline, state: TrainState) -> TrainState | None:
     """Put a training state on the devices it trains on, e.g. replicated over a mesh.
 
     Called at the end of ``Pipeline.init`` (after ``jaxpipe_init_state``) and
@@ -103,7 +123,7 @@ def jaxpipe_place_state(pipeline: Any, state: Any) -> Any:
 
 
 @hookspec(firstresult=True)
-def jaxpipe_place_batch(run: Any, batch: Any, whole: bool) -> Any:
+def jaxpipe_place_batch(run: FitRun, batch: Any, whole: bool) -> Any:
     """Put one host batch on the devices before the training step that reads it.
 
     Called by ``Pipeline.fit`` before every call of the step (with the stacked
@@ -124,7 +144,7 @@ def jaxpipe_place_batch(run: Any, batch: Any, whole: bool) -> Any:
 
 
 @hookspec(firstresult=True)
-def jaxpipe_fit_progress(run: Any) -> Any:
+def jaxpipe_fit_progress(run: FitRun) -> Any:
     """Supply the progress display of ``fit``, in place of its tqdm bar.
 
     Called by ``Pipeline.fit`` (with ``progress=True``) before
@@ -141,7 +161,7 @@ def jaxpipe_fit_progress(run: Any) -> Any:
 
 
 @hookspec
-def jaxpipe_fit_start(run: Any, state: Any) -> None:
+def jaxpipe_fit_start(run: FitRun, state: TrainState) -> None:
     """Called once before the first step of ``Pipeline.fit``.
 
     Args:
@@ -153,7 +173,7 @@ def jaxpipe_fit_start(run: Any, state: Any) -> None:
 
 
 @hookspec
-def jaxpipe_fit_step(run: Any, state: Any, metrics: dict[str, Any]) -> None:
+def jaxpipe_fit_step(run: FitRun, state: TrainState, metrics: dict[str, Any]) -> None:
     """Called after every training step (every call, for ``.scan(k)``).
 
     Args:
@@ -167,12 +187,12 @@ def jaxpipe_fit_step(run: Any, state: Any, metrics: dict[str, Any]) -> None:
 
 
 @hookspec
-def jaxpipe_fit_epoch_end(run: Any, state: Any, metrics: dict[str, Any]) -> None:
+def jaxpipe_fit_epoch_end(run: FitRun, state: TrainState, metrics: dict[str, Any]) -> None:
     """Called at the end of each epoch, with the epoch's eval metrics if any."""
 
 
 @hookspec
-def jaxpipe_fit_end(run: Any, state: Any) -> None:
+def jaxpipe_fit_end(run: FitRun, state: TrainState) -> None:
     """Called once when ``fit`` ends: finished, stopped or interrupted.
 
     ``run.interrupted`` tells whether Ctrl-C or ``run.stop()`` ended it early.

@@ -1,0 +1,224 @@
+"""Installed plugins cannot end a run; the pipeline's own and the user's hooks can (rule in hookspecs.py).
+
+Throwaway plugins are real distributions on sys.path, found through their entry points.
+"""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxpipe
+from jaxpipe import Pipeline, PluginWarning
+from jaxpipe._plugins import plugin_manager, reset
+
+
+@pytest.fixture
+def install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str, str], Any]]:
+    """``install(entry_point_name, source)`` -> the plugin's module once loaded (lazily, by name)."""
+    site = tmp_path / "site"
+    site.mkdir()
+    monkeypatch.syspath_prepend(str(site))
+    modules: list[str] = []
+
+    def install_plugin(name: str, source: str) -> str:
+        module = f"jaxpipe_iso_{name}_{uuid.uuid4().hex[:8]}"
+        info = site / f"jaxpipe_iso_{name}-0.1.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: jaxpipe-iso-{name}\nVersion: 0.1\n")
+        (info / "entry_points.txt").write_text(f"[jaxpipe]\n{name} = {module}\n")
+        (site / f"{module}.py").write_text(textwrap.dedent(source))
+        modules.append(module)
+        return module
+
+    reset()
+    yield install_plugin
+    reset()
+    for module in modules:
+        sys.modules.pop(module, None)
+
+
+def hook_plugin(hook: str, raise_: str, args: str = "run, state, metrics", marker: str = "") -> str:
+    """A plugin whose ``hook`` raises ``raise_`` (counting its calls), and whose fit_end records it ran."""
+    return f"""
+    import jaxpipe
+    calls = []
+    ends = []
+
+    @jaxpipe.hookimpl{marker}
+    def {hook}({args}):
+        calls.append(run.step)
+        raise {raise_}
+
+    @jaxpipe.hookimpl
+    def jaxpipe_fit_end(run, state):
+        ends.append(run.step)
+    """
+
+
+def linear_loss(params: Any, batch: Any) -> jax.Array:
+    return jnp.mean((batch["x"] @ params["w"] - batch["y"]) ** 2)
+
+
+N, BATCH, EPOCHS = 32, 8, 2  # 4 steps per epoch, 8 in all
+X = np.random.default_rng(0).normal(size=(N, 3)).astype(np.float32)
+DATA = {"x": X, "y": (X @ np.array([1.0, -2.0, 0.5])).astype(np.float32)}
+
+
+def train(pipe: Pipeline, **kwargs: Any) -> Any:
+    state = pipe.init(jax.random.key(0), DATA, params={"w": jnp.zeros(3)})
+    return pipe.fit(state, DATA, epochs=EPOCHS, batch_size=BATCH, progress=False, **kwargs)
+
+
+def reference() -> Any:
+    return train(Pipeline(linear_loss).optimize(optax.sgd(0.05)).jit())
+
+
+def test_a_raising_fit_step_is_one_warning_and_training_and_saving_go_on(
+    install: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    module = install("flaky", hook_plugin("jaxpipe_fit_step", "ValueError('boom')"))
+    monkeypatch.setenv("JAXPIPE_DISABLE_PLUGINS", "flaky")
+    expected = reference()  # the same run without the plugin
+    monkeypatch.delenv("JAXPIPE_DISABLE_PLUGINS")
+    reset()
+    pipe = Pipeline(linear_loss).optimize(optax.sgd(0.05)).checkpoint(tmp_path / "ck", every=4).jit()
+    with pytest.warns(PluginWarning) as caught:
+        final = train(pipe)
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert "'flaky'" in message and "jaxpipe_fit_step" in message and "ValueError: boom" in message
+    assert "off for the rest of this run" in message
+    plugin = sys.modules[module]
+    assert plugin.calls == [1]  # disabled after the first failure
+    assert plugin.ends == [EPOCHS * N // BATCH]  # its other hooks still run
+    assert int(final.step) == EPOCHS * N // BATCH
+    np.testing.assert_array_equal(final.params["w"], expected.params["w"])  # training unaffected
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir() if p.name.isdigit()) == ["4", "8"]  # saving too
+    with pytest.warns(PluginWarning):  # a new run gives the hook a new chance
+        train(Pipeline(linear_loss).optimize(optax.sgd(0.05)).jit())
+    assert plugin.calls == [1, 1]
+
+
+def test_a_raising_firstresult_hook_leaves_the_answer_to_the_others(install: Any, tmp_path: Path) -> None:
+    flaky = hook_plugin("jaxpipe_fit_resume", "RuntimeError('cannot resume')", "run, state", "(tryfirst=True)")
+    install("flaky", flaky)  # asked before the checkpointer
+    pipe = Pipeline(linear_loss).optimize(optax.sgd(0.05)).checkpoint(tmp_path / "ck", every=4).jit()
+    with pytest.warns(PluginWarning, match="jaxpipe_fit_resume"):
+        train(pipe)  # saves step 8
+    resumed = Pipeline(linear_loss).optimize(optax.sgd(0.05)).checkpoint(tmp_path / "ck", every=4).jit()
+    with pytest.warns(PluginWarning, match="jaxpipe_fit_resume"):
+        state = resumed.fit(
+            resumed.init(jax.random.key(1), DATA, params={"w": jnp.ones(3)}),
+            DATA,
+            epochs=EPOCHS,
+            batch_size=BATCH,
+            progress=False,
+        )
+    assert int(state.step) == EPOCHS * N // BATCH  # the checkpointer still resumed
+
+
+def test_system_exit_in_a_hook_or_at_import_is_contained(install: Any) -> None:
+    install("exiter", hook_plugin("jaxpipe_fit_start", "SystemExit(3)", "run, state"))
+    install("quitter", "import sys\nsys.exit('no')")
+    with pytest.warns(PluginWarning) as caught:
+        final = reference()
+    messages = sorted(str(w.message) for w in caught)
+    assert len(messages) == 2
+    assert "'exiter' raised in jaxpipe_fit_start" in messages[0] and "SystemExit: 3" in messages[0]
+    assert "'quitter'" in messages[1] and "could not be loaded" in messages[1] and "SystemExit: no" in messages[1]
+    assert int(final.step) == EPOCHS * N // BATCH
+
+
+def test_keyboard_interrupt_in_a_plugin_hook_stops_fit_like_ctrl_c(install: Any, tmp_path: Path) -> None:
+    source = """
+    import jaxpipe
+
+    @jaxpipe.hookimpl
+    def jaxpipe_fit_step(run, state, metrics):
+        if run.step == 3:
+            raise KeyboardInterrupt
+    """
+    install("stopper", source)
+    pipe = Pipeline(linear_loss).optimize(optax.sgd(0.05)).checkpoint(tmp_path / "ck", every=100).jit()
+    runs: list[Any] = []
+
+    class Keep:
+        @jaxpipe.hookimpl
+        def jaxpipe_fit_end(self, run: Any, state: Any) -> None:
+            runs.append(run)
+
+    with pytest.warns(PluginWarning, match="KeyboardInterrupt in jaxpipe_fit_step.*fit stops after this step"):
+        final = train(pipe, hooks=[Keep()])
+    assert int(final.step) == 3 and runs[0].interrupted
+    assert [p.name for p in (tmp_path / "ck").iterdir() if p.name.isdigit()] == ["3"]  # the end hooks saved
+
+
+def test_the_users_own_hooks_and_stage_hooks_are_not_isolated(install: Any) -> None:
+    class Mine:
+        @jaxpipe.hookimpl
+        def jaxpipe_fit_step(self, run: Any, state: Any, metrics: Any) -> None:
+            raise ValueError("my bug")
+
+    with pytest.raises(ValueError, match="my bug"):
+        train(Pipeline(linear_loss).optimize(optax.sgd(0.05)).jit(), hooks=[Mine()])
+
+    failing_save = """
+    import jaxpipe
+
+    class Saver:
+        @jaxpipe.hookimpl
+        def jaxpipe_fit_step(self, run, state, metrics):
+            raise OSError('disk full')
+
+    def saving(fn):
+        return fn
+
+    @jaxpipe.hookimpl
+    def jaxpipe_register_stages():
+        return [jaxpipe.StageKind('saving', saving, keeps_signature=True, run_hooks=lambda options: Saver())]
+    """
+    install("saver", failing_save)
+    reset()  # load it
+    with pytest.raises(OSError, match="disk full"):  # a stage's save that fails is never just a warning
+        train(Pipeline(linear_loss).optimize(optax.sgd(0.05)).saving().jit())
+
+
+def test_one_manager_per_process_with_per_run_registration() -> None:
+    reset()
+    pm = plugin_manager()
+    before = set(map(id, pm.get_plugins()))
+    seen: dict[str, list[int]] = {"a": [], "b": []}
+    barrier = threading.Barrier(2)
+
+    class Recorder:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        @jaxpipe.hookimpl
+        def jaxpipe_fit_step(self, run: Any, state: Any, metrics: Any) -> None:
+            seen[self.name].append(id(run))
+            if run.step == 1:
+                barrier.wait(timeout=30)  # both runs are registered at once from here on
+
+    pipe = Pipeline(linear_loss).optimize(optax.sgd(0.05)).jit()
+    threads = [threading.Thread(target=train, args=(pipe,), kwargs={"hooks": [Recorder(n)]}) for n in "ab"]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert plugin_manager() is pm
+    assert len(seen["a"]) == len(seen["b"]) == EPOCHS * N // BATCH
+    assert len(set(seen["a"])) == len(set(seen["b"])) == 1 and seen["a"][0] != seen["b"][0]  # each its own run
+    assert set(map(id, pm.get_plugins())) == before  # the run's objects are gone again
