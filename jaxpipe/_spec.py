@@ -3,9 +3,13 @@
 A spec is the function's name, then stages separated by ``|``, each a stage name
 with optional arguments, exactly as the fluent methods take them. The text is
 parsed with :mod:`ast` and walked by hand; it is never evaluated, so nothing in
-it runs. Names resolve in a namespace (a notebook's variables, then Python's
-builtins), public attributes of those are allowed (``model.apply``), and the
-only calls are stages, looked up in the stage registry like
+it runs. Names resolve only to the namespace's own public variables (a
+notebook's variables; no builtins such as ``exec``, no ``_private`` names).
+A dotted name (``jnp.tanh``, ``model.apply``) reads only what provably runs no
+code: a module's variables, an object's own ``__dict__`` entries, and methods or
+plain values defined on its class; properties, other descriptors and
+``__getattr__`` fallbacks are refused (see :func:`static_attribute`). The only
+calls are stages, looked up in the stage registry like
 ``Pipeline.then(name, ...)``, so plugin stages work as in Python. Stage
 arguments are Python literals (numbers, strings, ``None``, tuples, lists,
 dicts) or names.
@@ -29,6 +33,7 @@ import difflib
 import keyword
 import math
 import re
+import types
 import warnings
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -382,24 +387,95 @@ def resolve(value: Any, namespace: Mapping[str, Any], text: str = "") -> Any:
 
 def _lookup(name: Name, namespace: Mapping[str, Any], text: str) -> Any:
     first, *rest = name.path
-    if first in namespace:
-        obj = namespace[first]
-    elif not first.startswith("_") and hasattr(builtins, first):
-        obj = getattr(builtins, first)
-    else:
+    if first.startswith("_"):
+        raise _at(name, text, f"name `{first}` is private; a spec names only public variables. Bind it to one first.")
+    if first not in namespace:
         known = [key for key in namespace if isinstance(key, str) and not key.startswith("_")]
         close = difflib.get_close_matches(first, known, n=3)
         hint = f" Did you mean {', '.join(f'`{c}`' for c in close)}?" if close else ""
+        builtin = " Python's builtins are not looked up in a spec." if hasattr(builtins, first) else ""
         raise _at(
-            name, text, f"name `{first}` is not defined.{hint}\nDefine it before the spec, or check the spelling."
+            name,
+            text,
+            f"name `{first}` is not defined.{hint}{builtin}\nDefine it before the spec, or check the spelling.",
         )
+    obj = namespace[first]
     for depth, attr in enumerate(rest, 1):
+        owner = ".".join(name.path[:depth])
         try:
-            obj = getattr(obj, attr)
-        except Exception as err:  # a property may raise anything
-            owner = ".".join(name.path[:depth])
-            raise _at(name, text, f"`{owner}` has no attribute `{attr}` ({type(err).__name__}: {err})") from None
+            obj = static_attribute(obj, attr)
+        except AttributeError as err:
+            raise _at(name, text, f"`{owner}.{attr}` cannot be read in a spec: {err}") from None
     return obj
+
+
+_PLAIN_LOOKUP = (object.__getattribute__, type.__getattribute__, types.ModuleType.__getattribute__)
+
+
+def static_attribute(obj: Any, attr: str) -> Any:
+    """``getattr(obj, attr)`` where that provably runs no Python code, else AttributeError.
+
+    Allowed: a module's variables, an object's own ``__dict__`` entries, and
+    functions, static and class methods and plain values defined on its class.
+    Refused: properties and other descriptors, ``__getattr__`` fallbacks, and
+    types that customise attribute lookup; each would run code named in text.
+    """
+    cls = type(obj)
+    if cls.__getattribute__ not in _PLAIN_LOOKUP:
+        raise AttributeError(f"{cls.__name__} customises attribute lookup; bind `{attr}` to a name in Python first")
+    if isinstance(obj, types.ModuleType) and cls is types.ModuleType:
+        if attr in vars(obj):
+            return vars(obj)[attr]
+        raise AttributeError(f"module {obj.__name__!r} has no variable `{attr}`")
+    meta = _class_lookup(cls, attr)  # what the type of obj defines: data descriptors win over the instance
+    if meta is not _MISSING and _is_descriptor(meta) and not isinstance(meta, types.FunctionType):
+        if isinstance(meta, types.MemberDescriptorType) and not isinstance(obj, type):  # a __slots__ entry
+            return meta.__get__(obj, cls)
+        raise AttributeError(f"`{attr}` is a {type(meta).__name__} of {cls.__name__}; reading it runs code")
+    if isinstance(obj, type):
+        found = _class_lookup(obj, attr)
+        owner: Any = obj
+    else:
+        own = _instance_dict(obj)
+        if own is not None and attr in own:
+            return own[attr]
+        found, owner = meta, cls
+    if found is _MISSING:
+        raise AttributeError(f"{cls.__name__} object has no attribute `{attr}` (no `__getattr__` is called)")
+    if isinstance(found, staticmethod):
+        return found.__func__
+    if isinstance(found, classmethod) and isinstance(found.__func__, types.FunctionType):
+        return types.MethodType(found.__func__, obj if isinstance(obj, type) else cls)
+    if isinstance(found, types.FunctionType):
+        return found if owner is obj else types.MethodType(found, obj)
+    if isinstance(found, types.MethodDescriptorType):  # a method written in C, e.g. of a NumPy ufunc
+        return found if owner is obj else found.__get__(obj, cls)
+    if not _is_descriptor(found):
+        return found
+    raise AttributeError(f"`{attr}` is a {type(found).__name__}; reading it runs code")
+
+
+_MISSING = object()
+
+
+def _class_lookup(cls: type, attr: str) -> Any:
+    for klass in type.__getattribute__(cls, "__mro__"):
+        namespace = type.__getattribute__(klass, "__dict__")
+        if attr in namespace:
+            return namespace[attr]
+    return _MISSING
+
+
+def _is_descriptor(value: Any) -> bool:
+    return _class_lookup(type(value), "__get__") is not _MISSING
+
+
+def _instance_dict(obj: Any) -> dict[str, Any] | None:
+    slot = _class_lookup(type(obj), "__dict__")
+    if not isinstance(slot, types.GetSetDescriptorType):  # no __dict__, or one a class computes
+        return None
+    own = slot.__get__(obj, type(obj))
+    return own if type(own) is dict else None
 
 
 def _at(where: Any, text: str, message: str) -> SpecError:

@@ -1,5 +1,7 @@
 """The IPython extension, driven through a real InteractiveShell: %load_ext, the magics, their errors."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -190,7 +192,11 @@ def test_jit_timing_times_a_pipeline_stage_by_stage(shell, capsys):
     assert isinstance(timing, Timing)
     assert all(value > 0 for value in (timing.trace, timing.lower, timing.compile, timing.first_call))
     assert 0 < timing.best <= timing.median
-    assert (timing.number, timing.repeat, timing.notes) == (7, 3, ())
+    assert (timing.number, timing.repeat) == (7, 3)
+    assert timing.notes == (
+        "Timed on a fresh copy of the pipeline, so trace, lower and compile are measured on purpose; "
+        "calling the pipeline itself reuses the program it compiled before.",
+    )
     out = capsys.readouterr().out
     assert "steady best of 3x7" in out and "trace" in out
 
@@ -261,6 +267,8 @@ def test_jit_timing_of_an_eager_function_says_it_runs_op_by_op(shell):
         ("%%jaxpipe 1p\nloss | jit", "'1p' is not a valid Python name"),
         ("%%jaxpipe\nloss | jit", "the following arguments are required: name"),
         ("%%jaxpipe p --run missing\nloss | jit", "name `missing` is not defined"),
+        ("%%jaxpipe p --run print(6*7)\nloss | jit", "a call (only stages may be called in a spec)"),
+        ("%%jaxpipe p --run print\nloss | jit", "name `print` is not defined. Python's builtins are not"),
         ("%%jaxpipe loss\nloss | grad | jit", "would rebind `loss`, which the spec starts from"),
     ],
 )
@@ -273,12 +281,37 @@ def test_bad_arguments_give_a_one_line_usage_error_and_the_shell_carries_on(shel
     assert run(shell, "1 + 1") == 2
 
 
+@pytest.mark.parametrize(
+    "cell, message",
+    [
+        ("%%jaxpipe p\nexec | debug", "name `exec` is not defined. Python's builtins are not looked up"),
+        ("%%jaxpipe p\nexit | debug", "name `exit` is not defined"),  # IPython's own names are not the user's
+        ("%%jaxpipe p\nget_ipython | jit", "name `get_ipython` is not defined"),
+        ("%%jaxpipe p\n_ | jit", "name `_` is private"),
+    ],
+)
+def test_a_spec_names_only_the_notebooks_own_public_variables(shell, capsys, cell, message):
+    result = shell.run_cell(cell)
+    assert isinstance(result.error_in_exec, UsageError)
+    assert message in capsys.readouterr().err
+    ipython_exit = shell.user_ns["exit"]
+    shell.user_ns["exit"] = shell.user_ns["loss"]  # rebound by the user: now it is theirs
+    try:
+        run(shell, "%%jaxpipe p\nexit | grad")
+        assert shell.user_ns["p"] == Pipeline(shell.user_ns["loss"]).grad()
+    finally:
+        shell.user_ns["exit"] = ipython_exit
+
+
 def test_prng_tree_shows_the_key_tree_and_returns_it(shell, capsys):
     run(shell, "def draws(key):\n    return jax.random.normal(key, (2,)) + jax.random.uniform(key, (2,))")
-    with pytest.warns(KeyReuseWarning, match="`key` is drawn from twice"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", KeyReuseWarning)  # the tree shown lists the reuse: no warning as well
+        run(shell, "%prng_tree draws(jax.random.key(0))")
+        out = capsys.readouterr().out
         tree = run(shell, "%prng_tree -o draws(jax.random.key(0))")
     assert len(tree.reuses) == 1
-    assert str(tree) in capsys.readouterr().out
+    assert str(tree) in out and out.count("is drawn from twice") == 1
     run(
         shell,
         "def split_first(key):\n    a, b = jax.random.split(key)\n"

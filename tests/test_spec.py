@@ -41,7 +41,31 @@ class Model:
     _private = staticmethod(loss)
 
 
+class Trap:
+    """Records every call of its code: `__call__`, `__getattr__` for names text can write, a property."""
+
+    calls: list[str] = []
+
+    def __call__(self, *args, **kwargs):
+        Trap.calls.append("__call__")
+
+    def __getattr__(self, name):
+        if not name.startswith("__"):  # Pipeline itself reads dunder names such as __name__ of any function
+            Trap.calls.append(f"__getattr__({name})")
+        raise AttributeError(name)
+
+    @property
+    def prop(self):
+        Trap.calls.append("prop")
+        return loss
+
+    def method(self, w, x):  # binding a method runs none of the trap's code
+        Trap.calls.append("method")
+        return loss(w, x)
+
+
 NAMESPACE = {
+    "trap": Trap(),
     "loss": loss,
     "scaled": scaled,
     "model": Model(),
@@ -49,16 +73,19 @@ NAMESPACE = {
     "policy": save_nothing,
     "weights": jnp.ones(3),
     "not_callable": 3,
+    "_hidden": loss,
+    "jnp": jnp,
 }
 
 
 # --- audit: the parser never evaluates ----------------------------------------------
 
 _AUDIT: list[tuple[str, object]] | None = None
+_HARMLESS = {"builtins.id", "object.__getattr__"}  # id() and inspect reading a function's __code__
 
 
 def _audit(event, args):
-    if _AUDIT is not None and event in ("exec", "compile"):
+    if _AUDIT is not None and event not in _HARMLESS:
         _AUDIT.append((event, args[1] if event == "compile" and len(args) > 1 else None))
 
 
@@ -70,13 +97,15 @@ def audited_from_spec(text, namespace=NAMESPACE):
     global _AUDIT
     _registry.registry()  # loads the plugins (module imports run code) before auditing
     _AUDIT = []
+    Trap.calls.clear()
     try:
         return Pipeline.from_spec(text, namespace)
     finally:
         events, _AUDIT = _AUDIT, None
-        assert not [e for e in events if e[0] == "exec"], events
-        # ast.parse is compile(..., PyCF_ONLY_AST): allowed, and only for the spec itself.
-        assert all(filename == "<jaxpipe spec>" for _, filename in events), events
+        # ast.parse is compile(..., PyCF_ONLY_AST): allowed, and only for the spec itself; nothing else
+        # (no exec, open, os.system, subprocess, import) may happen.
+        assert all(event == "compile" and filename == "<jaxpipe spec>" for event, filename in events), events
+        assert Trap.calls == [], Trap.calls
 
 
 # --- building --------------------------------------------------------------------------
@@ -113,6 +142,19 @@ def test_stage_arguments_are_literals_and_names():
     assert audited_from_spec("loss | vmap(in_axes=[None, -0]) | jit(static_argnames='x')").stages == (
         Pipeline(loss).vmap(in_axes=[None, 0]).jit(static_argnames="x").stages
     )
+
+
+def test_dotted_names_read_module_variables_and_methods_without_running_code():
+    assert audited_from_spec("jnp.tanh | grad | jit") == Pipeline(jnp.tanh).grad().jit()
+    pipe = audited_from_spec("trap.method | grad | jit")  # a bound method: binding runs nothing
+    assert pipe.fn == NAMESPACE["trap"].method and Trap.calls == []
+    assert _spec.static_attribute(Model, "apply") is Model.apply
+    assert _spec.static_attribute(NAMESPACE["model"], "apply") == NAMESPACE["model"].apply
+    obj = type("Plain", (), {})()
+    obj.fn = loss  # an instance's own __dict__ entry
+    assert _spec.static_attribute(obj, "fn") is loss
+    with pytest.raises(AttributeError, match="customises attribute lookup"):
+        _spec.static_attribute(type("Odd", (), {"__getattribute__": lambda self, name: loss})(), "fn")
 
 
 def test_a_pipeline_in_the_namespace_continues_in_the_text():
@@ -172,7 +214,14 @@ def test_plugin_stages_work_in_the_text_as_in_python(scale_plugin):
         ("loss | grad(argnums=x[0])", 1, 21, "indexing"),
         ("loss | grad(argnums=lambda: 0)", 1, 21, "lambda"),
         ("loss, jit", 1, 7, "expected one pipeline, found a comma"),
-        ("model.broken | jit", 1, 1, "RuntimeError: a property that fails"),
+        ("model.broken | jit", 1, 1, "`broken` is a property of Model; reading it runs code"),
+        ("exec | debug", 1, 1, "name `exec` is not defined. Python's builtins are not looked up"),
+        ("loss | remat(policy=eval)", 1, 21, "name `eval` is not defined"),
+        ("__builtins__.eval | jit", 1, 1, "name `__builtins__` is private"),
+        ("_hidden | jit", 1, 1, "name `_hidden` is private"),
+        ("trap.prop | jit", 1, 1, "`prop` is a property of Trap; reading it runs code"),
+        ("trap.missing | jit", 1, 1, "has no attribute `missing` (no `__getattr__` is called)"),
+        ("jnp.nonexistent_name | jit", 1, 1, "module 'jax.numpy' has no variable `nonexistent_name`"),
         ("model._private | jit", 1, 1, "private attribute `_private`"),
         ("not_callable | jit", 1, 1, "`not_callable` is not a function"),
         ("1 | jit", 1, 1, "expected the function to transform"),
@@ -228,6 +277,18 @@ def test_a_spec_must_be_text():
 # --- fuzzing ---------------------------------------------------------------------------------
 
 _TOKENS = [
+    "trap",
+    "prop",
+    "method",
+    "missing",
+    "exec",
+    "eval",
+    "open",
+    "print",
+    "__builtins__",
+    "debug",
+    "jaxpipe",
+    "Pipeline",
     "loss",
     "model",
     ".",

@@ -16,7 +16,8 @@ import importlib.util
 import keyword
 import logging
 import re
-from collections.abc import Callable, Hashable, Iterator
+import warnings
+from collections.abc import Callable, Hashable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -76,8 +77,9 @@ class JaxpipeMagics(Magics):
         """Builds a Pipeline from the cell's text and binds it to NAME.
 
         The cell is a spec: the function's name, then stages separated by `|`,
-        as the fluent methods take them. Names resolve in the notebook; stage
-        arguments are literals or names; nothing in the text is evaluated.
+        as the fluent methods take them. Names resolve to the notebook's own
+        public variables only (not builtins, not IPython's `exit`, `In`, ...);
+        stage arguments are literals or names; nothing in the text is evaluated.
         Re-running an unchanged cell, even after redefining its function the same
         way, gives back the pipeline built before, compiled programs included.
 
@@ -89,7 +91,7 @@ class JaxpipeMagics(Magics):
         args = _parse(self.jaxpipe, line)
         if not args.name.isidentifier() or keyword.iskeyword(args.name):
             raise UsageError(f"%%jaxpipe binds the pipeline to a variable; {args.name!r} is not a valid Python name")
-        namespace = self._shell.user_ns
+        namespace = _NotebookNames(self._shell)
         values = []
         for text in args.run or ():
             try:
@@ -105,7 +107,7 @@ class JaxpipeMagics(Magics):
             pipe, reused = self.memo.reuse(Pipeline.from_spec(cell, namespace))
         except PipelineError as err:
             raise UsageError(f"%%jaxpipe {args.name}: {err}") from None
-        namespace[args.name] = pipe
+        self._shell.user_ns[args.name] = pipe
         if reused:
             print(f"{args.name}: unchanged since it was built, so its compiled programs are reused.")
         self._show_pipeline(args.name, pipe)
@@ -146,7 +148,9 @@ class JaxpipeMagics(Magics):
         """Times a JAX call: trace, lower, compile, first call and steady state.
 
         Trace, lower and compile are timed separately with JAX's ahead-of-time
-        API, on a fresh copy for a Pipeline; a jax.jit function that already ran
+        API. A Pipeline is timed on a fresh copy on purpose, so its compile is
+        measured even when the pipeline already compiled (after `%%jaxpipe
+        --run`, re-running the cell compiles nothing); a jax.jit function that already ran
         on such arguments is timed as it is, with a note that its times came
         from JAX's caches. The steady state is the best and median per-call time
         of R rounds of N calls, each synchronised with block_until_ready.
@@ -206,6 +210,11 @@ class JaxpipeMagics(Magics):
                 fn, args, kwargs, lambda: _inspect.time_call(target, args, kwargs, number=number, repeat=repeat)
             )
             probe = target if hasattr(target, "trace") else None
+            if timing.trace is not None and previous is None:  # said once per function
+                notes.append(
+                    "Timed on a fresh copy of the pipeline, so trace, lower and compile are measured on purpose; "
+                    "calling the pipeline itself reuses the program it compiled before."
+                )
         elif hasattr(fn, "trace"):  # a jax.jit function: time it as it is, and let JAX explain a miss
             with _capture_cache_misses() as misses, _cache.CompileEvents() as events:
                 timing = _inspect.time_call(fn, args, kwargs, number=number, repeat=repeat)
@@ -254,7 +263,9 @@ class JaxpipeMagics(Magics):
         fn, call_args, call_kwargs = self._split_call(" ".join(args.call), "prng_tree")
         from jaxpipe import _prng
 
-        tree = _prng.key_tree(fn, *call_args, **call_kwargs)
+        with warnings.catch_warnings():  # the tree shown below lists each reuse; one mention each
+            warnings.simplefilter("ignore", _prng.KeyReuseWarning)
+            tree = _prng.key_tree(fn, *call_args, **call_kwargs)
         display(_Shown(tree))
         return tree if args.output else None
 
@@ -343,6 +354,30 @@ class JaxpipeMagics(Magics):
         except Exception as err:
             reason = str(err).splitlines()[0] if str(err) else ""
             raise UsageError(f"%{magic}: `{text}` failed: {type(err).__name__}: {reason}") from None
+
+
+class _NotebookNames(Mapping[str, Any]):
+    """The notebook's variables a spec may name: ``user_ns`` without what IPython put there itself."""
+
+    def __init__(self, shell: Any) -> None:
+        self._ns, self._hidden = shell.user_ns, getattr(shell, "user_ns_hidden", {})
+
+    def _visible(self, name: str) -> bool:
+        return name in self._ns and not (name in self._hidden and self._ns[name] is self._hidden[name])
+
+    def __getitem__(self, name: str) -> Any:
+        if not self._visible(name):
+            raise KeyError(name)
+        return self._ns[name]
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self._visible(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return (name for name in list(self._ns) if isinstance(name, str) and self._visible(name))
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
 
 
 def register(shell: Any) -> Callable[[], None]:
