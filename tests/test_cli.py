@@ -20,6 +20,10 @@ def run(*args: str, env: dict[str, str] | None = None, check: bool = True) -> su
     )
 
 
+def run_env(**changes: str) -> dict[str, str]:
+    return {**os.environ, **changes}
+
+
 def test_plugins_lists_stages_by_plugin_with_readable_signatures(tmp_path: Path) -> None:
     info = tmp_path / "jaxpipe_cli_probe-0.3.dist-info"
     info.mkdir()
@@ -90,3 +94,48 @@ def test_help_lists_both_commands() -> None:
 def test_bad_usage_exits_2_with_argparse_help(args: tuple[str, ...], message: str) -> None:
     result = run(*args, check=False)
     assert result.returncode == 2 and message in result.stderr and "usage: jaxpipe" in result.stderr
+
+
+def test_help_texts_are_plain_text_and_the_demo_says_what_it_does(capsys: pytest.CaptureFixture[str]) -> None:
+    from jaxpipe.cli import main
+
+    outs = {}
+    for args in (("--help",), ("plugins",), ("demo", "--help"), ("plugins", "--help")):
+        try:
+            assert main(list(args)) == 0
+        except SystemExit as done:  # argparse's --help
+            assert done.code == 0
+        outs[args] = out = capsys.readouterr().out
+        assert "``" not in out and not re.search(r":(func|class|mod|meth|attr):`", out), (args, out)
+    demo = outs[("demo", "--help")]
+    assert "trains an MLP on scikit-learn's bundled 8x8" in demo
+    assert re.search(r"--quick +fewer timing rounds", demo)
+    assert "pip install -e '.[demo]'" in demo
+
+
+def test_the_library_needs_neither_scikit_learn_nor_matplotlib() -> None:
+    import tomllib
+
+    project = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())["project"]
+    assert not [d for d in project["dependencies"] if d.startswith(("scikit-learn", "matplotlib"))]
+    assert sorted(d.split(">")[0] for d in project["optional-dependencies"]["demo"]) == ["matplotlib", "scikit-learn"]
+    code = (
+        "import sys\n"
+        "sys.modules['sklearn'] = sys.modules['matplotlib'] = None  # as if not installed\n"
+        "import jaxpipe, jaxpipe.cli, jaxpipe_flax, jaxpipe_optax, jaxpipe_orbax, jax, optax\n"
+        "from jaxpipe import Pipeline\n"
+        "import jaxpipe.ipython.magics\n"
+        "def loss(w, x):\n    return ((w * x) ** 2).sum()\n"
+        "trainer = Pipeline(loss).optimize(optax.sgd(0.1)).jit()\n"
+        "batch = {'x': jax.numpy.ones(3)}\n"
+        "state = trainer.init(jax.random.key(0), batch, params=jax.numpy.ones(3))\n"
+        "print(jaxpipe.cli.main(['plugins']) == 0)\n"
+        "sys.exit(jaxpipe.cli.main(['demo']))\n"
+    )
+    demo = str(Path(__file__).resolve().parent.parent / "demo")  # where an editable install finds jaxpipe_demo
+    path = os.pathsep.join(p for p in (demo, os.environ.get("PYTHONPATH")) if p)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=run_env(PYTHONPATH=path))
+    assert done.returncode == 2, done.stderr
+    assert "True" in done.stdout
+    assert done.stderr.startswith("jaxpipe demo needs scikit-learn and matplotlib, which the `demo` extra installs.")
+    assert ".venv/bin/pip install -e '.[demo]'" in done.stderr
