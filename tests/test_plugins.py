@@ -291,6 +291,10 @@ def test_check_finite_inf_option() -> None:
 
 
 @pytest.mark.usefixtures("first_party_blocked")
-def test_check_finite_inside_jit_says_where_to_put_it() -> None:
+def test_check_finite_before_jit_is_refused_when_added_with_where_to_put_it() -> None:
+    with pytest.raises(PipelineError) as info:
+        Pipeline(model).grad().check_finite()
+    assert (info.value.stage, info.value.stage_name) == (2, "check_finite")
+    assert "goes after `.jit()`, not before: Pipeline(model).grad().jit().check_finite()." in str(info.value)
     with pytest.raises(PipelineError, match=r"Put `.check_finite\(\)` last, after `.jit\(\)`"):
-        Pipeline(model).grad().check_finite().jit()(PARAMS, jnp.ones(2))
+        Pipeline(model).check_finite().jit()(PARAMS, jnp.ones(2))  # a transform added later: refused at the call

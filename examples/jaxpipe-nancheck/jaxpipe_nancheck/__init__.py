@@ -4,6 +4,10 @@ Put the stage last, after ``.jit()``::
 
     step = Pipeline(loss).value_and_grad().jit().check_finite()
 
+Added after transforms but before any compile (``.grad().check_finite()``), it is
+refused when added, with that advice; directly on a plain function it checks
+the eager outputs.
+
 The check runs on the host after the compiled call: one small fused reduction
 over the output leaves (NaN and Inf counts per leaf) and one transfer of those
 counts, so the compiled program itself is unchanged. Inside a transform (e.g.
@@ -103,10 +107,24 @@ def _raise_if_nonfinite(out: Any, fn_name: str, inf: bool) -> None:
     )
 
 
+_COMPILING = ("jit", "pmap", "data_parallel")  # stages whose outputs are concrete arrays
+
+
+def _compiles(stage: jaxpipe.Stage) -> bool:
+    declared = getattr(stage.kind, "compiles", None)  # the declared property, where jaxpipe's StageKind has one
+    return bool(declared) if declared is not None else stage.name in _COMPILING
+
+
 def _check_options(context: jaxpipe.StageContext, options: dict[str, Any]) -> None:
-    del context  # any function will do
     if not isinstance(options.get("inf", True), bool):
         raise TypeError(f"`inf` must be True or False, got {options['inf']!r}.")
+    if context.stages and not any(_compiles(stage) for stage in context.stages):
+        # transforms without a compile before it: the outputs would be tracers once a `.jit()` follows
+        written = "".join(f".{stage.name}()" for stage in context.stages)
+        raise ValueError(
+            f"`.check_finite()` checks the concrete outputs of a compiled function, so it goes after `.jit()`, "
+            f"not before: Pipeline({context.fn_name}){written}.jit().check_finite()."
+        )
 
 
 @jaxpipe.hookimpl
