@@ -353,6 +353,23 @@ def test_fuzzed_text_gives_a_pipeline_or_a_pipeline_error(text):
     assert isinstance(pipe, Pipeline)
 
 
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.sampled_from(_TOKENS), min_size=1, max_size=8).map("".join))
+def test_fuzzed_run_arguments_give_a_value_or_a_spec_error_and_run_nothing(text):
+    """`%%jaxpipe --run` reads its arguments with `_spec.value`: the same names, the same audit."""
+    global _AUDIT
+    _AUDIT = []
+    Trap.calls.clear()
+    try:
+        _spec.value(text, NAMESPACE)
+    except SpecError:
+        pass
+    finally:
+        events, _AUDIT = _AUDIT, None
+        assert all(event == "compile" and filename == "<jaxpipe spec>" for event, filename in events), events
+        assert Trap.calls == [], Trap.calls
+
+
 # --- writing back ----------------------------------------------------------------------------------
 
 _STAGES = st.sampled_from(
