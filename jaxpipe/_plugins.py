@@ -8,9 +8,8 @@ plugin's run hooks are guarded the same way (the rule is in
 
 There is one manager per process. ``init`` and ``fit`` register the run's own
 hook objects (the stages' ``run_hooks`` and ``fit(hooks=...)``) in it for the
-run's duration, and call hooks through a subset that leaves out the objects of
-other runs in progress (another thread's ``fit``), so one pipeline's
-checkpointer never sees another pipeline's steps.
+run's duration; those answer only within their run, so one pipeline's
+checkpointer never sees another pipeline's steps, even from another thread.
 """
 
 from __future__ import annotations
@@ -24,7 +23,6 @@ import os
 import threading
 import warnings
 from collections.abc import Iterator, Sequence
-from collections.abc import Set as AbstractSet
 from typing import TYPE_CHECKING, Any
 
 import pluggy
@@ -155,57 +153,68 @@ def _guard(plugin: str, hook: str, fn: Any) -> Any:
 # --- per-run registration ----------------------------------------------------------------
 
 
-_owners: dict[int, tuple[object, _Run]] = {}  # id(object) -> (object, its run), for the objects runs registered
-_lock = threading.Lock()
+class _RunOwned:
+    """A run's own hook object (a stage's ``run_hooks``, ``fit(hooks=...)``) as the manager holds it.
+
+    Its hooks answer only inside their run (a context variable, so per thread):
+    another thread's run in progress, or a run started inside one of its hooks,
+    never reaches them.
+    """
+
+    def __init__(self, obj: object, run: _Run, pm: pluggy.PluginManager) -> None:
+        self.obj = obj
+        for attr in dir(obj):
+            opts = pm.parse_hookimpl_opts(obj, attr)
+            if opts is not None:
+                wrapper = bool(opts.get("wrapper") or opts.get("hookwrapper"))
+                self.__dict__[attr] = _only_in(run, getattr(obj, attr), wrapper)
+
+    def __repr__(self) -> str:
+        return f"<hooks of one run: {self.obj!r}>"
 
 
-class _OtherRuns(AbstractSet[object]):
-    """The hook objects registered by runs other than ``run``, read live on every call."""
+def _only_in(run: _Run, fn: Any, wrapper: bool) -> Any:
+    if wrapper:
 
-    def __init__(self, run: _Run) -> None:
-        self.run = run
+        @functools.wraps(fn)
+        def wrap(*args: Any) -> Any:
+            if _current_run.get() is run:
+                return (yield from fn(*args))
+            return (yield)
 
-    def __contains__(self, plugin: object) -> bool:
-        owner = _owners.get(id(plugin))
-        return owner is not None and owner[1] is not self.run
+        return wrap
 
-    def __iter__(self) -> Iterator[object]:
-        return iter([obj for obj, run in list(_owners.values()) if run is not self.run])
+    @functools.wraps(fn)
+    def call(*args: Any) -> Any:
+        return fn(*args) if _current_run.get() is run else None
 
-    def __len__(self) -> int:
-        return sum(1 for _ in self)
+    return call
 
 
-class _Relay:
-    """``relay.jaxpipe_fit_step(run=..., ...)``: the hook as this run sees it."""
-
-    def __init__(self, pm: pluggy.PluginManager, run: _Run) -> None:
-        self._pm, self._others = pm, _OtherRuns(run)
-
-    def __getattr__(self, name: str) -> Any:
-        caller = self._pm.subset_hook_caller(name, remove_plugins=self._others)
-        setattr(self, name, caller)
-        return caller
+_lock = threading.Lock()  # pluggy's registry is not meant for concurrent register/unregister
 
 
 @contextlib.contextmanager
 def run_hooks(pipe: Pipeline, extra: Sequence[object] = ()) -> Iterator[Any]:
-    """The hooks of one run: every plugin, this pipeline's stage hooks, and ``extra``."""
+    """The hooks of one run: every plugin, this pipeline's stage hooks, and ``extra``.
+
+    Yields the process-wide manager's hook relay (``hook.jaxpipe_fit_step(...)``),
+    with the run's own objects registered until the run ends.
+    """
     pm = plugin_manager()
     run = _Run()
-    registered: list[object] = []
+    registered: list[_RunOwned] = []
     token = _current_run.set(run)
     try:
         objects = [s.kind.run_hooks(dict(s.options)) for s in pipe.stages if s.kind.run_hooks is not None]
         for obj in [*objects, *extra]:
+            owned = _RunOwned(obj, run, pm)
             with _lock:
-                pm.register(obj)
-                _owners[id(obj)] = (obj, run)
-            registered.append(obj)
-        yield _Relay(pm, run)
+                pm.register(owned)
+            registered.append(owned)
+        yield pm.hook
     finally:
         _current_run.reset(token)
         with _lock:
-            for obj in registered:
-                pm.unregister(obj)
-                del _owners[id(obj)]
+            for owned in registered:
+                pm.unregister(owned)

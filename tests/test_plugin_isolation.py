@@ -222,3 +222,24 @@ def test_one_manager_per_process_with_per_run_registration() -> None:
     assert len(seen["a"]) == len(seen["b"]) == EPOCHS * N // BATCH
     assert len(set(seen["a"])) == len(set(seen["b"])) == 1 and seen["a"][0] != seen["b"][0]  # each its own run
     assert set(map(id, pm.get_plugins())) == before  # the run's objects are gone again
+
+
+def test_a_run_started_inside_a_hook_and_the_run_around_it_keep_their_hooks_apart() -> None:
+    seen: dict[str, list[int]] = {"outer": [], "inner": []}
+    pipe = Pipeline(linear_loss).optimize(optax.sgd(0.05)).jit()
+
+    class Outer:
+        @jaxpipe.hookimpl
+        def jaxpipe_fit_step(self, run: Any, state: Any, metrics: Any) -> None:
+            seen["outer"].append(run.step)
+            if run.step == 2:  # e.g. a hook that fine-tunes a copy: a whole run inside this one
+                train(pipe, hooks=[Inner()])
+
+    class Inner:
+        @jaxpipe.hookimpl
+        def jaxpipe_fit_step(self, run: Any, state: Any, metrics: Any) -> None:
+            seen["inner"].append(run.step)
+
+    train(pipe, hooks=[Outer()])
+    steps = list(range(1, EPOCHS * N // BATCH + 1))
+    assert seen == {"outer": steps, "inner": steps}
