@@ -135,7 +135,7 @@ def _guard(plugin: str, hook: str, fn: Any) -> Any:
             return fn(*args)
         except KeyboardInterrupt as err:  # Ctrl-C, or a plugin asking to stop: stop as Ctrl-C does in fit
             fit_run = dict(zip(argnames, args, strict=False)).get("run")
-            if fit_run is None:
+            if fit_run is None or fit_run.stop_requested:  # not in fit, or a second Ctrl-C: interrupt at once
                 raise
             fit_run.interrupted = True
             fit_run.stop()

@@ -21,7 +21,8 @@ Isolation, who is protected from whom:
   and the hook, that hook of that plugin is off for the rest of the run, and
   training and saving go on. ``KeyboardInterrupt`` in its hook during ``fit``
   means what Ctrl-C means there: stop after the current step (end hooks and
-  the final checkpoint still run); elsewhere it propagates. Hook wrappers
+  the final checkpoint still run); after a stop was already asked for (a
+  second Ctrl-C), and outside ``fit``, it propagates. Hook wrappers
   (``wrapper=True``) are not guarded.
 - A stage's run hooks (``StageKind.run_hooks``, e.g. the ``.checkpoint()``
   saver) are part of the pipeline the user asked for, and the objects passed as

@@ -165,6 +165,27 @@ def test_keyboard_interrupt_in_a_plugin_hook_stops_fit_like_ctrl_c(install: Any,
     assert [p.name for p in (tmp_path / "ck").iterdir() if p.name.isdigit()] == ["3"]  # the end hooks saved
 
 
+def test_keyboard_interrupt_after_a_stop_was_asked_for_interrupts_at_once(install: Any) -> None:
+    source = """
+    import jaxpipe
+
+    @jaxpipe.hookimpl
+    def jaxpipe_fit_step(run, state, metrics):
+        if run.step == 2:
+            raise KeyboardInterrupt  # as a second Ctrl-C landing in this hook would
+    """
+    install("stopper", source)
+
+    class FirstCtrlC:  # registered for the run, so called before the installed plugin
+        @jaxpipe.hookimpl
+        def jaxpipe_fit_step(self, run: Any, state: Any, metrics: Any) -> None:
+            if run.step == 2:
+                run.stop()
+
+    with pytest.raises(KeyboardInterrupt):
+        train(Pipeline(linear_loss).optimize(optax.sgd(0.05)).jit(), hooks=[FirstCtrlC()])
+
+
 def test_the_users_own_hooks_and_stage_hooks_are_not_isolated(install: Any) -> None:
     class Mine:
         @jaxpipe.hookimpl
