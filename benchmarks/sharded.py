@@ -40,8 +40,9 @@ from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from jaxpipe import Pipeline, TrainState  # noqa: E402
+from jaxpipe._data_parallel import place_batch  # noqa: E402
 from jaxpipe._inspect import format_seconds, paired_ratio, paired_rounds  # noqa: E402
-from jaxpipe._sharding import auto_mesh, place_batch  # noqa: E402
+from jaxpipe._mesh import auto_mesh  # noqa: E402
 
 GOAL = 1.02
 LOOP = 10  # steps per synchronisation in the NumPy-batch comparison

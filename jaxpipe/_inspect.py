@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import jax
 
-from jaxpipe import _diagnose
+from jaxpipe import _diagnose, _fold
 
 if TYPE_CHECKING:
     from jaxpipe._pipeline import Pipeline
@@ -179,10 +179,8 @@ def timing(pipe: Pipeline, args: tuple[Any, ...], kwargs: dict[str, Any], *, num
 
 
 def fresh_build(pipe: Pipeline) -> Callable[..., Any]:
-    """``pipe.build()`` around a fresh copy of its function: nothing cached yet."""
-    from jaxpipe._pipeline import Pipeline
-
-    return Pipeline._make(fresh_copy(pipe.fn), pipe._name, pipe.stages).build()
+    """The pipeline built around a fresh copy of its function: nothing cached yet, nothing shared."""
+    return _fold.build(pipe.with_fn(fresh_copy(pipe.fn)))
 
 
 def time_call(

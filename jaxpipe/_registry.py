@@ -8,8 +8,9 @@ import functools
 import keyword
 from typing import Any
 
+from jaxpipe._builtins import BUILTIN_STAGES
 from jaxpipe._plugins import BLOCK_ENV, plugin_manager, warn_plugin
-from jaxpipe._stages import BUILTIN_STAGES, StageKind
+from jaxpipe._stages import StageKind
 from jaxpipe.errors import PluginError, UnknownStageError
 
 
