@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import jax
 
 from jaxpipe import _diagnose, _fold
+from jaxpipe._cache import CompileEvents
 
 if TYPE_CHECKING:
     from jaxpipe._pipeline import Pipeline
@@ -192,8 +193,6 @@ def time_call(
     caches already held the traced program (``target`` ran on such arguments
     before), the times are those of the cache lookups, and a note says so.
     """
-    from jaxpipe._cache import CompileEvents
-
     if (number is not None and number < 1) or repeat < 1:
         raise ValueError(f"number and repeat must be at least 1, got number={number}, repeat={repeat}")
     trace = lower_time = compile_time = None

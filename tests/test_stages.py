@@ -224,3 +224,19 @@ def test_no_module_level_import_cycles_inside_jaxpipe() -> None:
 
     for name in sorted(graph):
         visit(name, ())
+
+
+def test_adding_a_checkpoint_compiles_nothing_new_and_a_direct_call_points_at_fit(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path
+) -> None:
+    monkeypatch.setenv("JAXPIPE_DISABLE_PLUGINS", "")
+    reset()
+    step = _make()
+    step(W, jnp.ones((2, 3)))
+    saving = step.checkpoint(tmp_path / "run")
+    assert saving.build() is step.build()  # still the jax.jit object
+    with CompileEvents() as events, pytest.warns(UserWarning, match=r"trainer\.fit.*trainer\.save\(state\)") as record:
+        saving(W, jnp.ones((2, 3)))
+        saving(W, jnp.ones((2, 3)))
+    assert events.compiles == 0 and len(record) == 1
+    assert not (tmp_path / "run").exists()  # nothing was written: the warning says so
