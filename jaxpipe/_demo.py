@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks._timing import format_seconds, paired_ratio, paired_rounds  # moves with the demo (see the lead)
 from jaxpipe._cache import enable_compilation_cache
-from jaxpipe._inspect import format_seconds, paired_ratio, paired_rounds
 from jaxpipe._pipeline import Pipeline
 from jaxpipe.hookspecs import hookimpl
 

@@ -255,37 +255,6 @@ def steady_state(
     return rounds
 
 
-def paired_rounds(
-    candidates: dict[str, Callable[..., Any]],
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any] | None = None,
-    *,
-    number: int,
-    repeat: int,
-) -> dict[str, list[float]]:
-    """Per-call seconds of each candidate, timed in interleaved rounds.
-
-    Each round times every candidate once (``number`` synchronised calls), in
-    an order that flips every round, so that load from other processes and
-    clock drift fall on all candidates alike; compare them round by round with
-    :func:`paired_ratio`. Every candidate is called once first, to compile.
-    """
-    kwargs = kwargs or {}
-    names = list(candidates)
-    for name in names:
-        jax.block_until_ready(candidates[name](*args, **kwargs))
-    rounds: dict[str, list[float]] = {name: [] for name in names}
-    for index in range(repeat):
-        for name in names if index % 2 == 0 else names[::-1]:
-            rounds[name] += steady_state(candidates[name], args, kwargs, number=number, repeat=1)
-    return rounds
-
-
-def paired_ratio(rounds: list[float], baseline: list[float]) -> float:
-    """The median over rounds of ``rounds[i] / baseline[i]``: robust to load that comes and goes."""
-    return statistics.median(a / b for a, b in zip(rounds, baseline, strict=True))
-
-
 def format_seconds(seconds: float | None) -> str:
     if seconds is None:
         return "-"
