@@ -18,13 +18,7 @@ import jaxpipe
 from jaxpipe import CompileEvents, Pipeline, PipelineError, PluginError, StageKind, Training
 from jaxpipe._plugins import reset
 
-
-@pytest.fixture(autouse=True)
-def fresh_plugins(monkeypatch: pytest.MonkeyPatch) -> Any:
-    monkeypatch.setenv("JAXPIPE_DISABLE_PLUGINS", "flax,optax,orbax")
-    reset()
-    yield
-    reset()
+pytestmark = pytest.mark.usefixtures("example_plugin_only")
 
 
 def loss(w: jax.Array, x: jax.Array) -> jax.Array:
