@@ -122,7 +122,7 @@ class Pipeline:
 
     def _repr_html_(self) -> str:
         """Notebook display: the stages and the equivalent JAX (see ``jaxpipe.ipython.display``)."""
-        from jaxpipe.ipython.display import pipeline_html
+        from jaxpipe.ipython.display import pipeline_html  # only in a notebook: keeps `import jaxpipe` light
 
         return pipeline_html(self)
 

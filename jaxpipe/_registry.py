@@ -49,7 +49,7 @@ class Registry:
 
 
 def _reserved_names() -> frozenset[str]:
-    from jaxpipe._pipeline import Pipeline
+    from jaxpipe._pipeline import Pipeline  # it imports this module
 
     return frozenset(n for n in dir(Pipeline) if not n.startswith("_")) - set(BUILTIN_STAGES)
 
