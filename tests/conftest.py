@@ -68,6 +68,7 @@ SLOW_TESTS = {
     "test_public_api.py": {"test_import_jaxpipe_stays_light"},
     "test_spec.py": {"test_fuzzed_text_gives_a_pipeline_or_a_pipeline_error"},
     "test_cli.py": {
+        "test_help_lists_both_commands",
         "test_plugins_reports_a_broken_plugin_and_lists_the_rest",
         "test_bad_usage_exits_2_with_argparse_help",
         "test_plugins_lists_stages_by_plugin_with_readable_signatures",
