@@ -234,3 +234,29 @@ def test_adding_a_checkpoint_compiles_nothing_new_and_a_direct_call_points_at_fi
         saving(W, jnp.ones((2, 3)))
     assert events.compiles == 0 and len(record) == 1
     assert not (tmp_path / "run").exists()  # nothing was written: the warning says so
+
+
+def test_optax_explains_by_what_the_stage_before_is_not_by_its_text(monkeypatch: pytest.MonkeyPatch) -> None:
+    optax = pytest.importorskip("optax")
+    monkeypatch.setenv("JAXPIPE_DISABLE_PLUGINS", "flax,orbax")
+    reset()
+
+    class Trainable:  # a jaxpipe.TrainLoss made by some other plugin's stage
+        def __init__(self, loss: Any) -> None:
+            self.loss = loss
+
+        def __call__(self, params: Any, batch: Any, model_state: Any = None) -> jax.Array:
+            return self.loss(params, batch)
+
+        def train(self, params: Any, batch: Any, key: jax.Array, model_state: Any) -> Any:
+            return self.loss(params, batch), ({}, model_state)
+
+    def explain(ctx: jaxpipe.StageContext, inner: str, options: dict[str, Any]) -> tuple[str, str]:
+        return "def anything_but_model_loss(...): ...", "anything_but_model_loss"
+
+    trainable = StageKind("trainable", Trainable, explain=explain)
+    assert isinstance(Trainable(loss), jaxpipe.TrainLoss)
+    with_model = Pipeline(loss).then(trainable).optimize(optax.sgd(0.1)).explain()
+    plain = Pipeline(loss).optimize(optax.sgd(0.1)).explain()
+    assert "jax.value_and_grad(anything_but_model_loss, has_aux=True)" in with_model and "dropout_key" in with_model
+    assert "has_aux" not in plain and "dropout_key" not in plain
