@@ -55,7 +55,7 @@ def _check(ctx: StageContext, options: dict[str, Any]) -> None:
             f"`keep` must be a positive int (how many checkpoints to keep) or None (keep all), got {keep!r}; "
             f"e.g. keep=3."
         )
-    if any(stage.kind is CHECKPOINT for stage in ctx.stages):
+    if any(stage.name == "checkpoint" for stage in ctx.stages):
         raise ValueError(
             "this pipeline already has a `.checkpoint()` stage, and one run saves to one directory.\n"
             "Keep a single `.checkpoint(...)`."
