@@ -29,10 +29,10 @@ import textwrap
 import time
 
 import jax
+from _timing import format_seconds, paired_ratio
 from IPython.core.interactiveshell import InteractiveShell
 
 from jaxpipe._cache import CompileEvents
-from jaxpipe._inspect import format_seconds, paired_ratio
 
 LOAD_EXT = """
 import gc, sys, time, jax

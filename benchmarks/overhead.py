@@ -23,9 +23,9 @@ import timeit
 
 import jax
 import jax.numpy as jnp
+from _timing import format_seconds, paired_ratio, paired_rounds
 
 from jaxpipe import Pipeline
-from jaxpipe._inspect import format_seconds, paired_ratio, paired_rounds
 
 
 def loss(w: jax.Array, x: jax.Array) -> jax.Array:

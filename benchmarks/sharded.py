@@ -36,12 +36,13 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
+from _timing import format_seconds, paired_ratio, paired_rounds  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from jaxpipe import Pipeline, TrainState  # noqa: E402
-from jaxpipe._inspect import format_seconds, paired_ratio, paired_rounds  # noqa: E402
-from jaxpipe._sharding import auto_mesh, place_batch  # noqa: E402
+from jaxpipe._data_parallel import place_batch  # noqa: E402
+from jaxpipe._mesh import auto_mesh  # noqa: E402
 
 GOAL = 1.02
 LOOP = 10  # steps per synchronisation in the NumPy-batch comparison

@@ -32,9 +32,9 @@ import flax.linen as nn
 import jax
 import numpy as np
 import optax
+from _timing import format_seconds, paired_ratio, paired_rounds
 
 from jaxpipe import Pipeline
-from jaxpipe._inspect import format_seconds, paired_ratio, paired_rounds
 
 BATCH, FEATURES, CLASSES = 128, 64, 10
 

@@ -22,6 +22,7 @@ from jaxpipe._spec import SpecError as SpecError
 from jaxpipe._stages import Stage as Stage
 from jaxpipe._stages import StageContext as StageContext
 from jaxpipe._stages import StageKind as StageKind
+from jaxpipe._stages import Training as Training
 from jaxpipe._summary import ParamSummary as ParamSummary
 from jaxpipe._summary import param_summary as param_summary
 from jaxpipe._train import TrainLoss as TrainLoss

@@ -15,12 +15,16 @@ from typing import TYPE_CHECKING, Any
 
 import jax
 
+from jaxpipe import _fold
+from jaxpipe._builtins import BUILTIN_STAGES
+from jaxpipe._stages import Stage, StageContext, StageKind
 from jaxpipe.errors import PipelineError
 
 if TYPE_CHECKING:
     from jaxpipe._pipeline import Pipeline
 
-_DIFF_STAGES = ("grad", "value_and_grad")
+_DIFF = (BUILTIN_STAGES["grad"], BUILTIN_STAGES["value_and_grad"])
+_VMAP = (BUILTIN_STAGES["vmap"],)
 _ARG_NAME = re.compile(r"depends on the value of the argument (\w+)")
 
 
@@ -53,24 +57,29 @@ def _failing_stage(pipe: Pipeline, args: tuple[Any, ...], kwargs: dict[str, Any]
 
         return call
 
-    fn = pipe.fn
+    def mark(fn: Callable[..., Any], stage: Stage, ctx: StageContext) -> Callable[..., Any]:
+        return marked(stage.apply(fn), len(ctx.stages))
+
     try:
-        for index, stage in enumerate(pipe.stages):
-            fn = marked(stage.apply(fn), index)
-        jax.eval_shape(fn, *args, **kwargs)
+        jax.eval_shape(_fold.fold(pipe, mark, pipe.fn, _fold.rejected), *args, **kwargs)
     except Exception:
         return seen[0] if seen else None
     return None
 
 
-def _where(pipe: Pipeline, index: int | None) -> dict[str, Any]:
+def _placed(message: str, pipe: Pipeline, index: int | None) -> PipelineError:
     if index is None:
-        return {"pipeline": repr(pipe)}
-    return {"stage": index + 1, "stage_name": pipe.stages[index].name, "pipeline": repr(pipe)}
+        return PipelineError(message, pipeline=repr(pipe))
+    return PipelineError(message).at(index + 1, pipe.stages[index], pipe)
 
 
-def _first(pipe: Pipeline, names: tuple[str, ...]) -> int | None:
-    return next((i for i, s in enumerate(pipe.stages) if s.name in names), None)
+def _is(pipe: Pipeline, index: int | None, kinds: tuple[StageKind, ...]) -> bool:
+    return index is not None and pipe.stages[index].kind in kinds
+
+
+def _first(pipe: Pipeline, where: Callable[[StageKind], bool]) -> int | None:
+    number = _fold.numbered(pipe.stages, lambda stage: where(stage.kind))
+    return None if number is None else number - 1
 
 
 # --- grad of a non-scalar output ----------------------------------------------
@@ -82,18 +91,19 @@ def _is_nonscalar_grad(err: Exception, text: str) -> bool:
 
 def _advise_nonscalar_grad(pipe: Pipeline, err: Exception, text: str, args: Any, kwargs: Any) -> PipelineError:
     index = _failing_stage(pipe, args, kwargs)
-    if index is None or pipe.stages[index].name not in _DIFF_STAGES:
-        index = _first(pipe, _DIFF_STAGES)
+    if not _is(pipe, index, _DIFF):
+        index = _first(pipe, lambda kind: kind in _DIFF)
     shape = re.search(r"Output had shape: (\([^)]*\))", text)
     got = f" but it returned an array of shape {shape.group(1)}" if shape else ""
     name = pipe.stages[index].name if index is not None else "grad"
-    return PipelineError(
+    return _placed(
         f"`jax.{name}` needs `{pipe.name}` to return a scalar,{got}.\n"
         f"Reduce the output to one number (e.g. `jnp.mean(...)` or `jnp.sum(...)`), "
         f"use .jacrev() (or .jacfwd()) for the Jacobian of a vector output, "
         f".value_and_grad(has_aux=True) to return the vector as auxiliary data, "
         f"or, for per-example gradients, write a per-example loss and put .vmap() after .grad().",
-        **_where(pipe, index),
+        pipe,
+        index,
     )
 
 
@@ -109,17 +119,18 @@ _SIZE_LINE = re.compile(r"had size (\d+): axis (\d+) of (argument [^;\n]*?) of t
 
 def _advise_vmap_sizes(pipe: Pipeline, err: Exception, text: str, args: Any, kwargs: Any) -> PipelineError:
     index = _failing_stage(pipe, args, kwargs)
-    if index is None or pipe.stages[index].name != "vmap":
-        index = _first(pipe, ("vmap",))
+    if not _is(pipe, index, _VMAP):
+        index = _first(pipe, lambda kind: kind in _VMAP)
     lines = [f"  * {who}: axis {axis} has size {size} ({kind})" for size, axis, who, kind in _SIZE_LINE.findall(text)]
     found = "\n".join(lines) if lines else text
     in_axes = pipe.stages[index].options.get("in_axes", 0) if index is not None else 0
-    return PipelineError(
+    return _placed(
         f"`jax.vmap` maps over one axis of each argument, and those axes must have the same size:\n"
         f"{found}\n"
         f"Give every mapped argument the same batch size, or mark an argument that is shared by "
         f"the whole batch with None in in_axes (now in_axes={in_axes!r}; e.g. in_axes=(None, 0)).",
-        **_where(pipe, index),
+        pipe,
+        index,
     )
 
 
@@ -136,7 +147,10 @@ def _is_concretization(err: Exception, text: str) -> bool:
 
 def _advise_concretization(pipe: Pipeline, err: Exception, text: str, args: Any, kwargs: Any) -> PipelineError:
     batched = "BatchTracer" in text
-    index = _first(pipe, ("vmap", "pmap") if batched else ("jit", "pmap", "scan"))
+    if batched:  # under a batching transform
+        index = _first(pipe, lambda kind: kind in _VMAP or kind is BUILTIN_STAGES["pmap"])
+    else:  # under a transform that traces the whole function
+        index = _first(pipe, lambda kind: kind.compiles or kind.steps_per_call is not None)
     if index is None:
         index = _failing_stage(pipe, args, kwargs)
     arg = _ARG_NAME.search(text)
@@ -152,11 +166,12 @@ def _advise_concretization(pipe: Pipeline, err: Exception, text: str, args: Any,
         fixes.append(f"if it is a setting such as a flag or a size, mark it static: {static}")
     elif stage == "vmap":
         fixes.append("in_axes=None for that argument if it is the same for the whole batch")
-    return PipelineError(
+    return _placed(
         f"`{pipe.name}` needs {what} in Python (an `if`, `bool()`, `int()`, an array shape or a slice bound), "
         f"but under `{stage}` it is an abstract tracer without a value.\n"
         f"Use " + "; ".join(fixes) + ".",
-        **_where(pipe, index),
+        pipe,
+        index,
     )
 
 
@@ -177,11 +192,12 @@ def _is_inplace(err: Exception, text: str) -> bool:
 
 def _advise_inplace(pipe: Pipeline, err: Exception, text: str, args: Any, kwargs: Any) -> PipelineError:
     index = _failing_stage(pipe, args, kwargs) if pipe.stages else None
-    return PipelineError(
+    return _placed(
         f"`{pipe.name}` assigns into a JAX array in place (`x[i] = v`), but JAX arrays are immutable.\n"
         f"Write `x = x.at[i].set(v)` instead (or `.add`, `.multiply`, `.min`, `.max`); "
         f"under jit XLA turns it into an in-place update anyway.",
-        **_where(pipe, index),
+        pipe,
+        index,
     )
 
 
@@ -194,17 +210,18 @@ def _is_vmap_arity(err: Exception, text: str) -> bool:
 
 def _advise_vmap_arity(pipe: Pipeline, err: Exception, text: str, args: Any, kwargs: Any) -> PipelineError:
     index = _failing_stage(pipe, args, kwargs)
-    if index is None or pipe.stages[index].name != "vmap":
-        index = _first(pipe, ("vmap",))
+    if not _is(pipe, index, _VMAP):
+        index = _first(pipe, lambda kind: kind in _VMAP)
     in_axes = pipe.stages[index].options.get("in_axes", 0) if index is not None else None
     count = re.search(r"len\(args\)=(\d+)", text)
     passed = int(count.group(1)) if count else len(args)
-    return PipelineError(
+    return _placed(
         f"in_axes={in_axes!r} has {len(in_axes) if isinstance(in_axes, (tuple, list)) else 1} entries, "
         f"but the call passed {passed} positional argument{'s' if passed != 1 else ''}.\n"
         f"Give one entry per positional argument (None for one that is not mapped), "
         f"or in_axes=0 to map every argument over axis 0.",
-        **_where(pipe, index),
+        pipe,
+        index,
     )
 
 

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 import jax
 import numpy as np
 
+from jaxpipe._fold import fold
+from jaxpipe._stages import Stage, StageContext
 from jaxpipe._train import TrainState, run_hooks, scan_steps
 from jaxpipe.errors import PipelineError
 
@@ -152,12 +154,16 @@ def evaluator(pipe: Pipeline) -> Callable[[TrainState, Any], dict[str, Any]] | N
 
     A stage's ``evaluate`` may return None to leave evaluation to an earlier one.
     """
-    fn = pipe.fn
     found = None
-    for stage in pipe.stages:
-        if stage.kind.evaluate is not None:
-            found = stage.kind.evaluate(fn, **stage.options) or found
-        fn = stage.apply(fn)
+
+    def note(fn: Callable[..., Any], stage: Stage, ctx: StageContext) -> Callable[..., Any]:
+        nonlocal found
+        training = stage.kind.training
+        if training is not None and training.evaluate is not None:
+            found = training.evaluate(fn, **stage.options) or found
+        return stage.apply(fn)
+
+    fold(pipe, note, pipe.fn, lambda stage, err: f"making the evaluation step of `.{stage.name}()` failed: {err}")
     return jax.jit(found) if found is not None else None
 
 

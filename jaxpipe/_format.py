@@ -5,6 +5,8 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+import jax
+
 _LITERALS = (bool, int, float, complex, str, bytes, type(None))
 
 
@@ -41,8 +43,6 @@ def _public_jax_name(value: Any) -> str | None:
     """``"jax.checkpoint_policies.dots_saveable"`` for an object JAX exports under that name."""
     if not callable(value):
         return None
-    import jax  # already loaded: stages come from JAX functions
-
     for namespace in _JAX_NAMESPACES:
         module = jax
         for part in namespace.split(".")[1:]:

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import jax
 
-from jaxpipe import _diagnose
+from jaxpipe import _diagnose, _fold
+from jaxpipe._cache import CompileEvents
 
 if TYPE_CHECKING:
     from jaxpipe._pipeline import Pipeline
@@ -179,10 +180,8 @@ def timing(pipe: Pipeline, args: tuple[Any, ...], kwargs: dict[str, Any], *, num
 
 
 def fresh_build(pipe: Pipeline) -> Callable[..., Any]:
-    """``pipe.build()`` around a fresh copy of its function: nothing cached yet."""
-    from jaxpipe._pipeline import Pipeline
-
-    return Pipeline._make(fresh_copy(pipe.fn), pipe._name, pipe.stages).build()
+    """The pipeline built around a fresh copy of its function: nothing cached yet, nothing shared."""
+    return _fold.build(pipe.with_fn(fresh_copy(pipe.fn)))
 
 
 def time_call(
@@ -194,8 +193,6 @@ def time_call(
     caches already held the traced program (``target`` ran on such arguments
     before), the times are those of the cache lookups, and a note says so.
     """
-    from jaxpipe._cache import CompileEvents
-
     if (number is not None and number < 1) or repeat < 1:
         raise ValueError(f"number and repeat must be at least 1, got number={number}, repeat={repeat}")
     trace = lower_time = compile_time = None
@@ -256,37 +253,6 @@ def steady_state(
                 block(out)
         rounds.append((clock() - start) / number)
     return rounds
-
-
-def paired_rounds(
-    candidates: dict[str, Callable[..., Any]],
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any] | None = None,
-    *,
-    number: int,
-    repeat: int,
-) -> dict[str, list[float]]:
-    """Per-call seconds of each candidate, timed in interleaved rounds.
-
-    Each round times every candidate once (``number`` synchronised calls), in
-    an order that flips every round, so that load from other processes and
-    clock drift fall on all candidates alike; compare them round by round with
-    :func:`paired_ratio`. Every candidate is called once first, to compile.
-    """
-    kwargs = kwargs or {}
-    names = list(candidates)
-    for name in names:
-        jax.block_until_ready(candidates[name](*args, **kwargs))
-    rounds: dict[str, list[float]] = {name: [] for name in names}
-    for index in range(repeat):
-        for name in names if index % 2 == 0 else names[::-1]:
-            rounds[name] += steady_state(candidates[name], args, kwargs, number=number, repeat=1)
-    return rounds
-
-
-def paired_ratio(rounds: list[float], baseline: list[float]) -> float:
-    """The median over rounds of ``rounds[i] / baseline[i]``: robust to load that comes and goes."""
-    return statistics.median(a / b for a, b in zip(rounds, baseline, strict=True))
 
 
 def format_seconds(seconds: float | None) -> str:

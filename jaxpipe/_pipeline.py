@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import difflib
-import functools
 import inspect
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from jaxpipe import _diagnose, _inspect
+from jaxpipe import _compiled, _diagnose, _fit, _fold, _inspect, _spec, _train
+from jaxpipe._arguments import signature_of
+from jaxpipe._builtins import BUILTIN_STAGES
 from jaxpipe._format import format_options, format_signature, format_value, same_value
-from jaxpipe._stages import BUILTIN_STAGES, Stage, StageContext, StageKind
+from jaxpipe._registry import registry
+from jaxpipe._stages import Stage, StageKind
 from jaxpipe.errors import PipelineError
 
 
@@ -31,15 +34,19 @@ class Pipeline:
 
     A pipeline is a value: stage methods return a new one, and pipelines with the
     same function and stages are equal and hash equal. ``pipe(*args)`` builds the
-    composed JAX callable once and calls it; ``pipe.build()`` returns it.
+    composed JAX callable once and calls it; ``pipe.build()`` returns it. Equal
+    pipelines share that callable, so building one again compiles nothing new.
+    Like a ``functools.wraps`` wrapper, a pipeline has ``__wrapped__`` (its
+    function), ``__name__`` and, when its stages keep the function's arguments,
+    ``__signature__``.
     """
 
-    __slots__ = ("_fn", "_name", "_stages", "_built", "_fn_signature")
+    __slots__ = ("_fn", "_name", "_stages", "_built", "_call")
     _fn: Callable[..., Any]
     _name: str | None
     _stages: tuple[Stage, ...]
-    _built: Callable[..., Any] | None
-    _fn_signature: list[inspect.Signature | None]  # shared by derived pipelines; computed once
+    _built: Callable[..., Any] | None  # what build() returned
+    _call: Callable[..., Any] | None  # what __call__ runs: the build, once the first call has been checked
 
     def __init__(self, fn: Callable[..., Any], name: str | None = None) -> None:
         if not callable(fn):
@@ -47,19 +54,21 @@ class Pipeline:
                 f"`Pipeline` needs a function to transform, got {type(fn).__name__} {fn!r}.\n"
                 f"Pass the function itself, e.g. Pipeline(loss), not Pipeline(loss(params, x))."
             )
+        stages: tuple[Stage, ...] = ()
         if isinstance(fn, Pipeline):  # Pipeline(pipe) continues from pipe's stages
-            source = fn
-            fn, name = source._fn, source._name if name is None else name
-            stages, signature = source._stages, source._fn_signature
-        else:
-            stages, signature = (), []
-        _fill(self, fn, name, stages, signature)
+            source: Pipeline = fn
+            fn, name, stages = source._fn, source._name if name is None else name, source._stages
+        _fill(self, fn, name, stages)
 
-    @classmethod
-    def _make(cls, fn: Callable[..., Any], name: str | None, stages: tuple[Stage, ...]) -> Pipeline:
-        pipe = object.__new__(cls)
-        _fill(pipe, fn, name, stages, [])
-        return pipe
+    def with_fn(self, fn: Callable[..., Any]) -> Pipeline:
+        """The same stages around another function (e.g. a wrapped or redefined ``fn``).
+
+        The stages are not checked again: give a function that takes the same
+        arguments. The name given to ``Pipeline``, if any, is kept.
+        """
+        if not callable(fn):
+            raise PipelineError(f"`with_fn` needs a function, got {type(fn).__name__} {fn!r}.", pipeline=repr(self))
+        return _new(fn, self._name, self._stages)
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError("a Pipeline is immutable: each stage method returns a new Pipeline")
@@ -81,6 +90,21 @@ class Pipeline:
         """The stages in call order (innermost first)."""
         return self._stages
 
+    @property
+    def __wrapped__(self) -> Callable[..., Any]:
+        return self._fn
+
+    @property
+    def __name__(self) -> str:  # type: ignore[override]
+        return self.name
+
+    @property
+    def __signature__(self) -> inspect.Signature | None:
+        """The function's signature while every stage keeps it, else None (unknown)."""
+        if not all(stage.kind.keeps_signature for stage in self._stages):
+            return None
+        return signature_of(self._fn)
+
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Pipeline):
             return NotImplemented
@@ -98,7 +122,7 @@ class Pipeline:
 
     def _repr_html_(self) -> str:
         """Notebook display: the stages and the equivalent JAX (see ``jaxpipe.ipython.display``)."""
-        from jaxpipe.ipython.display import pipeline_html
+        from jaxpipe.ipython.display import pipeline_html  # only in a notebook: keeps `import jaxpipe` light
 
         return pipeline_html(self)
 
@@ -116,8 +140,6 @@ class Pipeline:
 
     def _lookup(self, name: str) -> StageKind:
         __tracebackhide__ = True
-        from jaxpipe._registry import registry
-
         reg = registry()
         kind = reg.kinds.get(name)
         if kind is not None:
@@ -127,27 +149,25 @@ class Pipeline:
 
     def _add(self, kind: StageKind, args: tuple[Any, ...], options: Mapping[str, Any]) -> Pipeline:
         __tracebackhide__ = True
-        if self._stages and self._stages[-1].name == "debug":
+        if self._stages and self._stages[-1].kind.last:
+            last = self._stages[-1].name
             raise self._stage_error(
                 kind,
                 args,
                 options,
-                f"`.{kind.name}()` comes after `.debug()`, but `.debug()` runs the whole pipeline "
-                f"eagerly and must be the last stage.\nMove `.debug()` to the end.",
+                f"`.{kind.name}()` comes after `.{last}()`, but `.{last}()` runs the whole pipeline "
+                f"its own way and must be the last stage.\nMove `.{last}()` to the end.",
             )
         try:
             bound = kind.bind(args, options)
         except TypeError as err:
             raise self._stage_error(kind, args, options, _bad_options(kind, options, err)) from err
         if kind.check is not None:
-            context = StageContext(self._fn, self._signature(), self._stages)
             try:
-                kind.check(context, bound)
+                kind.check(_fold.context(self._fn, self._stages), bound)
             except (TypeError, ValueError) as err:
                 raise self._stage_error(kind, (), bound, str(err)) from err
-        pipe = object.__new__(Pipeline)
-        _fill(pipe, self._fn, self._name, (*self._stages, Stage(kind, bound)), self._fn_signature)
-        return pipe
+        return _new(self._fn, self._name, (*self._stages, Stage(kind, bound)))
 
     def _stage_error(
         self, kind: StageKind, args: tuple[Any, ...], options: Mapping[str, Any], message: str
@@ -156,18 +176,7 @@ class Pipeline:
         defaults = kind.signature.parameters
         shown = {k: v for k, v in options.items() if not (k in defaults and same_value(v, defaults[k].default))}
         call = ", ".join([*map(format_value, args), *([format_options(shown)] if shown else [])])
-        return PipelineError(
-            message, stage=len(self._stages) + 1, stage_name=kind.name, pipeline=f"{self!r}.{kind.name}({call})"
-        )
-
-    def _signature(self) -> inspect.Signature | None:
-        """The signature the next stage will wrap, if every stage so far keeps it."""
-        if not all(stage.kind.keeps_signature for stage in self._stages):
-            return None
-        cache = self._fn_signature
-        if not cache:
-            cache.append(_signature_of(self._fn))
-        return cache[0]
+        return PipelineError(message).at(len(self._stages) + 1, kind.name, f"{self!r}.{kind.name}({call})")
 
     def __getattr__(self, name: str) -> Callable[..., Pipeline]:
         """Plugin stages appear as methods: ``Pipeline(f).clip_grads(1.0)``."""
@@ -185,8 +194,6 @@ class Pipeline:
         return add_stage
 
     def __dir__(self) -> Iterable[str]:
-        from jaxpipe._registry import registry
-
         return sorted({*super().__dir__(), *registry().kinds})
 
     # --- built-in stages (options are those of the JAX function) ----------------
@@ -309,42 +316,51 @@ class Pipeline:
     # --- building and calling ----------------------------------------------------
 
     def build(self) -> Callable[..., Any]:
-        """The composed JAX callable, built once.
+        """The composed JAX callable, built once and shared by equal pipelines.
 
         For a pipeline ending in ``.jit()`` this is the object ``jax.jit`` returns,
         so ``.lower()``, ``.trace()`` and its cache work as usual.
         """
         built = self._built
         if built is None:
-            built = self._fn
-            for number, stage in enumerate(self._stages, 1):
-                try:
-                    built = stage.apply(built)
-                except Exception as err:
-                    raise PipelineError(
-                        f"`{stage.kind.jax_name or stage.name}` rejected its options {stage!r}: {err}",
-                        stage=number,
-                        stage_name=stage.name,
-                        pipeline=repr(self),
-                    ) from err
+            built = _compiled.lookup(self)
+            if built is None:
+                built = _fold.build(self)
+                _compiled.share(self, built)
             object.__setattr__(self, "_built", built)
         return built
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         __tracebackhide__ = True
-        built = self._built
+        built = self._call
         if built is None:
-            built = self.build()
+            built = self._first_call()
         try:
             if kwargs:
                 return built(*args, **kwargs)
             return built(*args)  # no empty dict to merge: the common call, as close to jax.jit's as Python allows
         except Exception as err:
             explained = _diagnose.explain_error(self, err, args, kwargs)
-            if explained is None:
-                _place_stage_error(self, err)
-                raise
-            raise explained from err
+            if explained is not None:
+                raise explained from err
+            if isinstance(err, PipelineError) and err.within(self) is not err:
+                raise err.within(self) from err  # a stage's own error, raised knowing only its name
+            raise
+
+    def _first_call(self) -> Callable[..., Any]:
+        """The build, after warning once about stages that act only inside ``fit``."""
+        if not _train.running(self):
+            for number, stage in enumerate(self._stages, 1):
+                training = stage.kind.training
+                if training is not None and training.outside_fit:
+                    warnings.warn(
+                        f"stage {number} ({stage.name}) of {self!r}: calling the pipeline directly runs the "
+                        f"step without `.{stage.name}()`. {training.outside_fit}",
+                        stacklevel=3,
+                    )
+        built = self.build()
+        object.__setattr__(self, "_call", built)
+        return built
 
     # --- as text (jaxpipe/_spec.py) ------------------------------------------------
 
@@ -356,8 +372,6 @@ class Pipeline:
         literals or names. The text is parsed, never evaluated; a bad one raises
         :class:`~jaxpipe.SpecError` pointing at the line and column.
         """
-        from jaxpipe import _spec
-
         return _spec.from_spec(text, namespace)
 
     def to_spec(self, namespace: Mapping[str, Any] | None = None) -> str:
@@ -366,24 +380,13 @@ class Pipeline:
         Non-literal option values are written as names: those bound to them in
         ``namespace`` when given, else their own names.
         """
-        from jaxpipe import _spec
-
         return _spec.to_spec(self, namespace)
 
     # --- inspection --------------------------------------------------------------
 
     def explain(self) -> str:
         """The equivalent hand-written JAX, as a string."""
-        definitions: list[str] = []
-        expression = self.name
-        for stage in self._stages:
-            result = stage.kind.explain_call(expression, dict(stage.options))
-            if isinstance(result, tuple):
-                code, expression = result
-                definitions.append(code)
-            else:
-                expression = result
-        return "\n\n".join([*definitions, expression])
+        return _fold.explain(self)
 
     def jaxpr(self, *args: Any, **kwargs: Any) -> Any:
         """The traced program (a ``ClosedJaxpr``) for these arguments."""
@@ -419,53 +422,25 @@ class Pipeline:
         key (:func:`jaxpipe.split_init_key`). ``params`` starts a pipeline
         without a ``.model`` stage from given parameters.
         """
-        from jaxpipe import _train
-
         return _train.init(self, key, sample_batch, params=params)
 
     def fit(self, state: Any, data: Any, *, epochs: int = 1, batch_size: int | None = None, **options: Any) -> Any:
         """Trains from ``state``; ``epochs`` is the run's total. See :func:`jaxpipe.fit`."""
-        from jaxpipe import _fit
-
         return _fit.fit(self, state, data, epochs=epochs, batch_size=batch_size, **options)
 
 
-@functools.lru_cache(maxsize=256)
-def _cached_signature(fn: Callable[..., Any]) -> inspect.Signature | None:
-    try:
-        return inspect.signature(fn)
-    except (TypeError, ValueError):
-        return None
+def _new(fn: Callable[..., Any], name: str | None, stages: tuple[Stage, ...]) -> Pipeline:
+    pipe = object.__new__(Pipeline)
+    _fill(pipe, fn, name, stages)
+    return pipe
 
 
-def _signature_of(fn: Callable[..., Any]) -> inspect.Signature | None:
-    """``fn``'s signature, if Python can tell; cached, as pipelines of one function are made often."""
-    try:
-        return _cached_signature(fn)
-    except TypeError:  # an unhashable callable
-        return _cached_signature.__wrapped__(fn)
-
-
-def _place_stage_error(pipe: Pipeline, err: Exception) -> None:
-    """Numbers a stage's own PipelineError, raised while it ran knowing only its name."""
-    if type(err) is PipelineError and err.stage is None and err.stage_name is not None:
-        numbers = [n for n, stage in enumerate(pipe.stages, 1) if stage.name == err.stage_name]
-        if numbers:
-            err.__init__(err.detail, stage=numbers[0], stage_name=err.stage_name, pipeline=repr(pipe))  # type: ignore[misc]
-
-
-def _fill(
-    pipe: Pipeline,
-    fn: Callable[..., Any],
-    name: str | None,
-    stages: tuple[Stage, ...],
-    signature: list[inspect.Signature | None],
-) -> None:
+def _fill(pipe: Pipeline, fn: Callable[..., Any], name: str | None, stages: tuple[Stage, ...]) -> None:
     object.__setattr__(pipe, "_fn", fn)
     object.__setattr__(pipe, "_name", name)
     object.__setattr__(pipe, "_stages", stages)
     object.__setattr__(pipe, "_built", None)
-    object.__setattr__(pipe, "_fn_signature", signature)
+    object.__setattr__(pipe, "_call", None)
 
 
 def _bad_options(kind: StageKind, options: Mapping[str, Any], err: TypeError) -> str:

@@ -194,6 +194,14 @@ def _only_in(run: _Run, fn: Any, wrapper: bool) -> Any:
 _lock = threading.Lock()  # pluggy's registry is not meant for concurrent register/unregister
 
 
+_running: list[Pipeline] = []  # pipelines whose init or fit is under way (a list: equal pipelines may nest)
+
+
+def running(pipe: Pipeline) -> bool:
+    """Whether ``pipe``'s ``init`` or ``fit`` is under way, so its run hooks are registered."""
+    return any(pipe is other for other in _running)
+
+
 @contextlib.contextmanager
 def run_hooks(pipe: Pipeline, extra: Sequence[object] = ()) -> Iterator[Any]:
     """The hooks of one run: every plugin, this pipeline's stage hooks, and ``extra``.
@@ -205,8 +213,13 @@ def run_hooks(pipe: Pipeline, extra: Sequence[object] = ()) -> Iterator[Any]:
     run = _Run()
     registered: list[_RunOwned] = []
     token = _current_run.set(run)
+    _running.append(pipe)
     try:
-        objects = [s.kind.run_hooks(dict(s.options)) for s in pipe.stages if s.kind.run_hooks is not None]
+        objects = [
+            s.kind.training.run_hooks(dict(s.options))
+            for s in pipe.stages
+            if s.kind.training is not None and s.kind.training.run_hooks is not None
+        ]
         for obj in [*objects, *extra]:
             owned = _RunOwned(obj, run, pm)
             with _lock:
@@ -214,6 +227,7 @@ def run_hooks(pipe: Pipeline, extra: Sequence[object] = ()) -> Iterator[Any]:
             registered.append(owned)
         yield pm.hook
     finally:
+        _running.remove(pipe)
         _current_run.reset(token)
         with _lock:
             for owned in registered:

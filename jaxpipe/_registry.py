@@ -8,8 +8,9 @@ import functools
 import keyword
 from typing import Any
 
+from jaxpipe._builtins import BUILTIN_STAGES
 from jaxpipe._plugins import BLOCK_ENV, plugin_manager, warn_plugin
-from jaxpipe._stages import BUILTIN_STAGES, StageKind
+from jaxpipe._stages import StageKind
 from jaxpipe.errors import PluginError, UnknownStageError
 
 
@@ -48,7 +49,7 @@ class Registry:
 
 
 def _reserved_names() -> frozenset[str]:
-    from jaxpipe._pipeline import Pipeline
+    from jaxpipe._pipeline import Pipeline  # it imports this module
 
     return frozenset(n for n in dir(Pipeline) if not n.startswith("_")) - set(BUILTIN_STAGES)
 

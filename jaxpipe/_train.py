@@ -15,7 +15,10 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import jax
 import jax.numpy as jnp
 
+from jaxpipe._fold import fold
 from jaxpipe._plugins import run_hooks as run_hooks  # re-exported: fit and older code import it from here
+from jaxpipe._plugins import running as running  # re-exported: the Pipeline asks whether its run is under way
+from jaxpipe._stages import Stage, StageContext
 from jaxpipe.errors import PipelineError
 
 if TYPE_CHECKING:
@@ -115,30 +118,23 @@ def init(pipe: Pipeline, key: jax.Array, sample_batch: Any, params: Any = None) 
         model_state={},
         data_key=data_key,
     )
-    contributors = 0
-    for number, stage in enumerate(pipe.stages, 1):
-        if stage.kind.init is None:
-            continue
-        contributors += 1
-        try:
-            state = stage.kind.init(state, params_key, sample_batch, **stage.options)
-        except PipelineError as err:
-            if err.stage is not None:
-                raise
-            raise PipelineError(err.detail, stage=number, stage_name=stage.name, pipeline=repr(pipe)) from err
-        except Exception as err:
-            raise PipelineError(
-                f"initialising `.{stage.name}()` failed: {type(err).__name__}: {err}",
-                stage=number,
-                stage_name=stage.name,
-                pipeline=repr(pipe),
-            ) from err
-    if not contributors:
+
+    def add_share(state: TrainState, stage: Stage, ctx: StageContext) -> TrainState:
+        del ctx  # a stage's share depends on its options and the state so far
+        training = stage.kind.training
+        if training is None or training.init is None:
+            return state
+        return training.init(state, params_key, sample_batch, **stage.options)
+
+    if not any(s.kind.training and s.kind.training.init for s in pipe.stages):
         raise PipelineError(
             "`init` builds a training state, but no stage of this pipeline contributes to one.\n"
             "Add training stages, e.g. Pipeline(loss).model(module, input='image').optimize(optax.adam(1e-3)).",
             pipeline=repr(pipe),
         )
+    state = fold(
+        pipe, add_share, state, lambda stage, err: f"initialising `.{stage.name}()` failed: {type(err).__name__}: {err}"
+    )
     with run_hooks(pipe) as hook:
         restored = hook.jaxpipe_init_state(pipeline=pipe, state=state)
         state = state if restored is None else restored
@@ -147,5 +143,9 @@ def init(pipe: Pipeline, key: jax.Array, sample_batch: Any, params: Any = None) 
 
 
 def scan_steps(pipe: Pipeline) -> int:
-    """Batches per call: the ``.scan(k)`` stage's k, else 1."""
-    return next((s.options["steps"] for s in pipe.stages if s.name == "scan"), 1)
+    """Batches per call: the product of the stages' declared ``steps_per_call``, else 1."""
+    steps = 1
+    for stage in pipe.stages:
+        if stage.kind.steps_per_call is not None:
+            steps *= stage.kind.steps_per_call(stage.options)
+    return steps

@@ -7,6 +7,7 @@ Every message says what went wrong, where (the stage, numbered from 1 as in
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 
@@ -42,12 +43,44 @@ class PipelineError(ValueError):
         self.stage_name = stage_name
         self.pipeline = pipeline
         self.detail = message
-        where = []
-        if stage is not None:
-            where.append(f"stage {stage} ({stage_name})")
-        if pipeline is not None:
-            where.append(f"of {pipeline}" if where else f"in {pipeline}")
-        super().__init__(f"{' '.join(where)}:\n{message}" if where else message)
+        super().__init__(_located(message, stage, stage_name, pipeline))
+
+    def at(self, number: int, stage: Any, pipeline: object) -> PipelineError:
+        """A copy of this error placed at stage ``number`` of ``pipeline``.
+
+        A stage raises its errors knowing only its own name; the walk over the
+        stages knows the number and the pipeline, and places them here.
+
+        Args:
+          number: the stage's 1-based number.
+          stage: the stage (anything with a ``name``) or its name.
+          pipeline: the pipeline, or its fluent form as a string.
+        """
+        located = copy.copy(self)  # keeps the subclass and its own attributes (e.g. PluginError.plugins)
+        located.stage = number
+        located.stage_name = stage if isinstance(stage, str) else stage.name
+        located.pipeline = pipeline if isinstance(pipeline, str) else repr(pipeline)
+        located.args = (_located(self.detail, located.stage, located.stage_name, located.pipeline),)
+        return located
+
+    def within(self, pipeline: Any) -> PipelineError:
+        """This error placed at the first stage of ``pipeline`` named ``stage_name``; itself if none or placed.
+
+        For a stage (or its run hooks) that raises knowing only its own name.
+        """
+        if self.stage is not None or self.stage_name is None:
+            return self
+        numbers = [n for n, stage in enumerate(pipeline.stages, 1) if stage.name == self.stage_name]
+        return self.at(numbers[0], self.stage_name, pipeline) if numbers else self
+
+
+def _located(message: str, stage: int | None, stage_name: str | None, pipeline: str | None) -> str:
+    where = []
+    if stage is not None:
+        where.append(f"stage {stage} ({stage_name})")
+    if pipeline is not None:
+        where.append(f"of {pipeline}" if where else f"in {pipeline}")
+    return f"{' '.join(where)}:\n{message}" if where else message
 
 
 class UnknownStageError(PipelineError, AttributeError):

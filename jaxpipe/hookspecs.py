@@ -67,7 +67,7 @@ def jaxpipe_register_stages() -> list[StageKind]:  # type: ignore[empty-body]
 
 # --- training runs: called by Pipeline.init and Pipeline.fit -------------------
 #
-# Besides plugins registered through entry points, a stage kind may give
+# Besides plugins registered through entry points, a stage kind's ``Training`` role may give
 # ``run_hooks(options)``: an object with these hooks that is registered only
 # while ``init``/``fit`` of a pipeline holding that stage runs. The Orbax
 # ``.checkpoint()`` stage saves and restores through them.

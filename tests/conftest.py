@@ -5,6 +5,11 @@ from __future__ import annotations
 import contextlib
 import gc
 import sys
+from collections.abc import Iterator
+
+import pytest
+
+from jaxpipe._plugins import reset
 
 
 def pytest_sessionfinish() -> None:
@@ -22,3 +27,59 @@ def pytest_sessionfinish() -> None:
         with contextlib.suppress(KeyError):
             widget.close()
         widget.comm = None  # closed, or its comm's manager is gone: nothing left to close at exit
+
+
+@pytest.fixture
+def example_plugin_only(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Only the example plugin (jaxpipe-nancheck) besides the built-ins, loaded afresh, and reset after.
+
+    Use it for a whole module with ``pytestmark = pytest.mark.usefixtures("example_plugin_only")``.
+    """
+    monkeypatch.setenv("JAXPIPE_DISABLE_PLUGINS", "flax,optax,orbax")
+    reset()
+    yield
+    reset()
+
+
+# What `pytest -m "not slow"` leaves out (CI runs everything): whole modules that are slow, need a browser
+# or start processes, and the slowest tests of the fast modules (measured with --durations; each over about
+# a second on 2 CPU cores). Marked here, in one place, so the fast set stays under a minute as a whole.
+MODULE_MARKS = {
+    "test_browser.py": ("slow", "browser"),
+    "test_multiprocess.py": ("slow", "multiprocess"),
+    "test_kill_resume.py": ("slow", "multiprocess"),
+    "test_notebooks.py": ("slow",),
+    "test_demo.py": ("slow",),
+    "test_reproducibility.py": ("slow",),
+    "test_checkpoint.py": ("slow",),
+    "test_data_parallel.py": ("slow",),
+    "test_flax_plugin.py": ("slow",),
+}
+SLOW_TESTS = {
+    "test_magics.py": {"test_in_a_kernel_the_magics_show_html_and_the_inspector"},
+    "test_optax_plugin.py": {
+        "test_legacy_prng_key",
+        "test_step_is_the_hand_written_step",
+        "test_learning_rate_from_inject_hyperparams",
+        "test_multisteps_accumulates_like_hand_written",
+    },
+    "test_fit.py": {"test_eval_data_gives_accuracy_each_epoch", "test_fit_trains_the_total_epochs_in_keyed_order"},
+    "test_sharding.py": {"test_shard_accepts_numpy_and_placed_inputs_on_an_explicit_mesh"},
+    "test_public_api.py": {"test_import_jaxpipe_stays_light"},
+    "test_spec.py": {"test_fuzzed_text_gives_a_pipeline_or_a_pipeline_error"},
+    "test_cli.py": {
+        "test_help_lists_both_commands",
+        "test_plugins_reports_a_broken_plugin_and_lists_the_rest",
+        "test_bad_usage_exits_2_with_argparse_help",
+        "test_plugins_lists_stages_by_plugin_with_readable_signatures",
+    },
+    "test_prng.py": {"test_flax_dropout_in_apply_and_per_example_grads"},
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        for name in MODULE_MARKS.get(item.path.name, ()):
+            item.add_marker(getattr(pytest.mark, name))
+        if getattr(item, "originalname", item.name) in SLOW_TESTS.get(item.path.name, ()):
+            item.add_marker(pytest.mark.slow)

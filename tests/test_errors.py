@@ -11,15 +11,8 @@ import numpy as np
 import pytest
 
 from jaxpipe import Pipeline, PipelineError, UnknownStageError
-from jaxpipe._plugins import reset
 
-
-@pytest.fixture(autouse=True)
-def fresh_plugins(monkeypatch: pytest.MonkeyPatch) -> Any:
-    monkeypatch.setenv("JAXPIPE_DISABLE_PLUGINS", "flax,optax,orbax")
-    reset()
-    yield
-    reset()
+pytestmark = pytest.mark.usefixtures("example_plugin_only")
 
 
 def loss(w: jax.Array, x: jax.Array) -> jax.Array:

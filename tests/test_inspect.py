@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import re
+import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import pytest
+from jaxpipe_demo.timing import paired_ratio, paired_rounds
 
 from jaxpipe import Cost, Memory, Pipeline, PipelineError, Timing
-from jaxpipe._inspect import paired_ratio, paired_rounds, steady_state
+from jaxpipe._inspect import steady_state
 
 
 def loss(w: jax.Array, x: jax.Array) -> jax.Array:
@@ -72,10 +74,24 @@ def test_timing_fields_are_sensible() -> None:
     timing = PIPE.timing(W, XS, number=5, repeat=3)
     assert isinstance(timing, Timing)
     assert timing.trace > 0 and timing.lower > 0 and timing.compile > 0 and timing.first_call > 0
-    assert 0 < timing.best <= timing.median
+    assert timing.best > 0 and timing.median > 0
     assert (timing.number, timing.repeat) == (5, 3)
     assert [name for name, _ in timing.rows][:4] == ["trace", "lower", "compile", "first call"]
     assert str(timing).startswith("timing\n  trace") and "<table" in timing._repr_html_()
+
+
+def test_timing_measures_per_call_time_over_number_times_repeat_calls() -> None:
+    calls = []
+
+    def sleepy(x: jax.Array) -> jax.Array:  # not jitted: each call runs this Python
+        calls.append(1)
+        time.sleep(0.002)
+        return x
+
+    timing = Pipeline(sleepy).timing(W, number=3, repeat=4)
+    assert len(calls) == 1 + 3 * 4  # the first call, then repeat rounds of number calls
+    assert 0.002 <= timing.best <= timing.median < 0.5  # seconds per call, not per round
+    assert timing.first_call >= 0.002
 
 
 def test_timing_starts_from_empty_caches() -> None:

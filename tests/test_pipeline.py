@@ -15,16 +15,8 @@ from hypothesis import strategies as st
 
 import jaxpipe
 from jaxpipe import Pipeline, Stage
-from jaxpipe._plugins import reset
 
-
-@pytest.fixture(autouse=True)
-def fresh_plugins(monkeypatch: pytest.MonkeyPatch) -> Any:
-    """Only the example plugin (jaxpipe-nancheck) besides the built-ins, loaded afresh."""
-    monkeypatch.setenv("JAXPIPE_DISABLE_PLUGINS", "flax,optax,orbax")
-    reset()
-    yield
-    reset()
+pytestmark = pytest.mark.usefixtures("example_plugin_only")
 
 
 def loss(w: jax.Array, x: jax.Array) -> jax.Array:

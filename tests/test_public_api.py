@@ -31,6 +31,7 @@ PUBLIC: dict[str, set[str]] = {
         "StageContext",
         "StageKind",
         "Timing",
+        "Training",
         "TrainLoss",
         "TrainState",
     },

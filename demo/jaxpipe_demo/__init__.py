@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxpipe import Pipeline, enable_compilation_cache, hookimpl
-from jaxpipe._inspect import format_seconds, paired_rounds  # the benchmarks' paired timing
+from jaxpipe_demo.timing import format_seconds, paired_rounds  # shared with benchmarks/
 
 NEEDS = {"sklearn": "scikit-learn", "matplotlib": "matplotlib"}  # import name -> distribution
 INSTALL = "pip install -e '.[demo]'"

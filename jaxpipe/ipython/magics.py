@@ -29,6 +29,7 @@ from IPython.display import display
 from jaxpipe import _cache, _inspect, _spec
 from jaxpipe._pipeline import Pipeline
 from jaxpipe.errors import PipelineError
+from jaxpipe.ipython.memo import PipelineMemo
 
 
 class _Shown:
@@ -59,7 +60,7 @@ class JaxpipeMagics(Magics):
 
     def __init__(self, shell: Any) -> None:
         super().__init__(shell)
-        self.memo = _cache.PipelineMemo()
+        self.memo = PipelineMemo()
         self._timed: collections.OrderedDict[Hashable, _TimedCall] = collections.OrderedDict()
 
     # --- %%jaxpipe -----------------------------------------------------------------

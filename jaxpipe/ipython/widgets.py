@@ -12,6 +12,7 @@ import html
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from jaxpipe._prng import key_tree
 from jaxpipe.ipython import display
 
 if TYPE_CHECKING:
@@ -32,8 +33,6 @@ def _timing(pipe: Pipeline, args: tuple[Any, ...], kwargs: dict[str, Any]) -> An
 
 
 def _key_tree(pipe: Pipeline, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    from jaxpipe._prng import key_tree
-
     return key_tree(pipe, *args, **kwargs)
 
 

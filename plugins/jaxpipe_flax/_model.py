@@ -22,7 +22,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxpipe import PipelineError, StageContext, StageKind, TrainState, loss_and_metrics
+from jaxpipe import PipelineError, StageContext, StageKind, Training, TrainState, loss_and_metrics
 
 # Call arguments that switch a module between training and evaluation, with their training values.
 TRAIN_FLAGS = {
@@ -319,7 +319,8 @@ def _evaluate(loss: Callable[..., Any], module: Any, input: Any = None, **option
     return evaluate
 
 
-def _explain(inner: str, options: dict[str, Any]) -> tuple[str, str]:
+def _explain(ctx: StageContext, inner: str, options: dict[str, Any]) -> tuple[str, str]:
+    del ctx  # the model runs the same whatever came before
     from flax import nnx
 
     module = options["module"]
@@ -374,7 +375,6 @@ MODEL = StageKind(
     "flax",
     check=_check,
     explain=_explain,
-    init=_init,
-    evaluate=_evaluate,
+    training=Training(init=_init, evaluate=_evaluate),
     doc="Runs a Flax module (Linen or NNX) on `batch[input]`; the loss gets its outputs.",
 )

@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxpipe import PipelineError, StageContext, StageKind, TrainLoss, TrainState, loss_and_metrics
+from jaxpipe import PipelineError, StageContext, StageKind, Training, TrainLoss, TrainState, loss_and_metrics
 
 
 def _has_lr(value: Any) -> bool:
@@ -132,8 +132,8 @@ def _evaluate(loss: Callable[..., Any], tx: Any, **options: Any) -> Callable[...
     return evaluate
 
 
-def _explain(inner: str, options: dict[str, Any]) -> tuple[str, str]:
-    with_model = inner == "model_loss"  # the name the Flax plugin's `.model()` explains itself as
+def _explain(ctx: StageContext, inner: str, options: dict[str, Any]) -> tuple[str, str]:
+    with_model = isinstance(ctx.wrapped(), TrainLoss)  # a model stage before: train with its key and state
     if with_model:
         grads = (
             "    key, dropout_key = jax.random.split(state.key)\n"
@@ -178,7 +178,6 @@ OPTIMIZE = StageKind(
     "optax",
     check=_check,
     explain=_explain,
-    init=_init,
-    evaluate=_evaluate,
+    training=Training(init=_init, evaluate=_evaluate),
     doc="Training step with an Optax transformation: value_and_grad, tx.update, optax.apply_updates.",
 )

@@ -10,7 +10,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from jaxpipe import StageContext, StageKind, hookimpl
+from jaxpipe import StageContext, StageKind, Training, hookimpl
 from jaxpipe_orbax._checkpointer import Checkpointer as Checkpointer
 from jaxpipe_orbax._checkpointer import CheckpointWarning as CheckpointWarning
 
@@ -62,7 +62,8 @@ def _check(ctx: StageContext, options: dict[str, Any]) -> None:
         )
 
 
-def _explain(inner: str, options: dict[str, Any]) -> tuple[str, str]:
+def _explain(ctx: StageContext, inner: str, options: dict[str, Any]) -> tuple[str, str]:
+    del ctx  # the step is unchanged whatever it is
     directory, every, keep = os.fspath(options["directory"]), options.get("every", 100), options.get("keep", 3)
     code = (
         "# .checkpoint(): the step is unchanged; while fit runs, Orbax saves the state:\n"
@@ -79,7 +80,13 @@ CHECKPOINT = StageKind(
     check=_check,
     explain=_explain,
     keeps_signature=True,
-    run_hooks=lambda options: Checkpointer(**options),
+    keeps_program=True,
+    training=Training(
+        run_hooks=lambda options: Checkpointer(**options),
+        outside_fit="It saves and restores only inside `trainer.init` and `trainer.fit`: train with "
+        "`trainer.fit(state, data)`, or in a loop written by hand call `trainer.save(state)` and "
+        "`trainer.restore(state)` yourself.",
+    ),
 )
 
 

@@ -161,17 +161,14 @@ class Checkpointer:
         saved, current = meta.get("layout"), layout(state)
         if saved is None or saved == current:
             return
-        number = next((i for i, s in enumerate(pipeline.stages, 1) if s.name == "checkpoint"), None)
         raise PipelineError(
             f"the checkpoint {os.path.join(self.directory, str(step))} was written by a pipeline with another "
             f"training state, so it cannot be restored into this one. Leaves that differ:\n"
             + "\n".join(differences(saved, current))
             + f"\nSaved by:  {meta.get('pipeline', '(not recorded)')}\nThis one:  {pipeline!r}\n"
             f"Give this pipeline its own directory, or restore with the pipeline that wrote the checkpoint.",
-            stage=number,
             stage_name="checkpoint",
-            pipeline=repr(pipeline),
-        )
+        ).within(pipeline)
 
     def _announce(self, step: int, meta: dict[str, Any], run: Any) -> None:
         position = meta.get("position") or {}

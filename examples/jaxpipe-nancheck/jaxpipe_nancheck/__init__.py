@@ -4,15 +4,13 @@ Put the stage last, after ``.jit()``::
 
     step = Pipeline(loss).value_and_grad().jit().check_finite()
 
-Added after transforms but before any compile (``.grad().check_finite()``), it is
-refused when added, with that advice; directly on a plain function it checks
-the eager outputs.
+Added after transforms but before any compile (``.grad().check_finite()``), or
+followed by another stage (``.check_finite().jit()``), it is refused when added,
+with that advice; directly on a plain function it checks the eager outputs.
 
 The check runs on the host after the compiled call: one small fused reduction
 over the output leaves (NaN and Inf counts per leaf) and one transfer of those
-counts, so the compiled program itself is unchanged. Inside a transform (e.g.
-``.check_finite().jit()``) the outputs are abstract tracers that cannot be
-checked, and the stage says so.
+counts, so the compiled program itself is unchanged.
 """
 
 from __future__ import annotations
@@ -107,12 +105,9 @@ def _raise_if_nonfinite(out: Any, fn_name: str, inf: bool) -> None:
     )
 
 
-_COMPILING = ("jit", "pmap", "data_parallel")  # stages whose outputs are concrete arrays
-
-
 def _compiles(stage: jaxpipe.Stage) -> bool:
-    declared = getattr(stage.kind, "compiles", None)  # the declared property, where jaxpipe's StageKind has one
-    return bool(declared) if declared is not None else stage.name in _COMPILING
+    """Whether the stage's outputs are concrete arrays: it compiles or places the computation on devices."""
+    return stage.kind.compiles or stage.kind.distributes
 
 
 def _check_options(context: jaxpipe.StageContext, options: dict[str, Any]) -> None:
@@ -136,6 +131,7 @@ def jaxpipe_register_stages() -> list[jaxpipe.StageKind]:
             jax_name="jaxpipe_nancheck.check_finite",
             check=_check_options,
             keeps_signature=True,
+            last=True,  # a transform after it would hand it tracers
             doc="Raises NonFiniteError naming the output leaf that holds NaN/Inf; put it after `.jit()`.",
         )
     ]

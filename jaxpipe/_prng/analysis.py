@@ -1,262 +1,23 @@
-"""PRNG key derivation trees, and the keys a program reuses, read from its jaxpr.
-
-``key_tree(f, *args)`` traces ``f(*args)`` with ``jax.make_jaxpr`` (nothing runs)
-and follows every PRNG key through the program: where it comes from (an argument,
-a closed-over key, ``jax.random.key``, raw ``uint32[2]`` data from
-``jax.random.PRNGKey``), each ``split`` and ``fold_in``, and the draw that consumes
-it, named with the user's file and line. It backs ``%prng_tree`` and the
-inspector's PRNG tab.
-
-The rule: a key is used in exactly one way -- one draw, or one split, or any
-number of ``fold_in`` with distinct data. Anything else correlates random numbers:
-two draws from one key are identical, ``split(key, n)[i]`` equals
-``fold_in(key, i)``, and ``bits(key)[i]`` is computed from that same value. Every
-break of the rule is a :class:`KeyReuse` (all of them, unlike JAX's checker, which
-stops at the first and knows no legacy keys) and a :class:`KeyReuseWarning`; a
-bug that repeats (on every key of a vmapped array, every loop iteration) is
-reported once.
-
-What is exact and what is assumed:
-
-- Keys are followed element by element through indexing, slicing, reshapes,
-  stacking, gathers and ``random_wrap``/``random_unwrap`` (legacy keys), and
-  through ``jit``, ``custom_jvp``/``custom_vjp``, ``checkpoint`` and ``vmap``
-  (batched ops are just ops on key arrays).
-- An index is exact when its value is known for this call: static, or computed
-  from literals, constants and the call's small integer arguments. A traced
-  index picks a key assumed distinct from every other pick, except a pick with
-  the same traced value: ``keys[i]`` twice is a reuse; ``keys[i]`` and
-  ``keys[j]`` (or ``keys[0]``) are not reported, as they may differ.
-- ``fold_in`` data counts as equal when it is the same value: the same constant,
-  or the same computation of the same inputs.
-- ``scan`` and ``while_loop`` bodies are followed for their first two
-  iterations, which exposes a key consumed again every iteration (a carried key
-  that is not split, a closed-over key, ``fold_in`` with a constant); keys
-  folded with the loop index are distinct.
-- ``cond`` branches are alternatives: a key used once in each branch is fine.
-  (Under ``vmap`` with a batched predicate JAX runs both branches; a key drawn
-  from in both is then reported.)
-- A backward-pass recomputation (``jax.checkpoint`` under ``grad``) repeats the
-  forward draws on purpose and is skipped; other primitives that take keys
-  (``pmap``, ``shard_map`` with sharded keys, callbacks) count as one draw.
-
->>> import jax
->>> def noise(key):
-...     k1, k2 = jax.random.split(key)
-...     return jax.random.normal(k1), jax.random.uniform(k2)
->>> tree = key_tree(noise, jax.random.key(0))
->>> tree.reuses
-[]
->>> [node.label for node in tree.nodes() if node.kind == "consume"]
-['jax.random.normal', 'jax.random.uniform']
-"""
+"""The abstract interpretation of a jaxpr that follows every PRNG key element by element."""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import html
-import inspect
 import itertools
-import linecache
 import os
-import re
-import sys
-import sysconfig
-import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 
-from jaxpipe._pipeline import Pipeline
-from jaxpipe.errors import PipelineError
+from jaxpipe._prng.nodes import KeyNode, KeyReuse
+from jaxpipe._prng.rules import CALLS, FOLDABLE, IDENTITY, MOVES, numpy_op, operand_roles
+from jaxpipe._prng.source import api_name, file_label, flax_param, library_dirs
 
-KEY_KINDS = ("root", "fold_in", "index")
 _MAX_CONCRETE = 4096  # elements: larger integer data is followed by identity, not value
 _MAX_ALTERNATIVES = 8  # keys a cond output may stand for
-_MAX_LINES = 400
-
-
-class KeyReuseWarning(UserWarning):
-    """A PRNG key is used twice, so two "independent" random draws are correlated.
-
-    Failing::
-
-        a = jax.random.normal(key, (3,))
-        b = jax.random.normal(key, (3,))      # b == a
-
-    fixed::
-
-        k1, k2 = jax.random.split(key)
-        a, b = jax.random.normal(k1, (3,)), jax.random.normal(k2, (3,))
-    """
-
-
-@dataclasses.dataclass(eq=False)
-class KeyNode:
-    """A node of the key tree.
-
-    Attributes:
-      kind: ``"root"``, ``"fold_in"`` or ``"index"`` for a key; ``"split"`` for a
-        split (its children are the ``"index"`` keys it made); ``"consume"`` for a
-        draw (a leaf).
-      label: short name, used in paths: ``"key"``, ``"split(2)"``, ``"[1]"``,
-        ``"fold_in(3)"``, ``"jax.random.normal"``.
-      detail: more about it: the initializer and Flax module of a draw, ...
-      location: the user's ``file:line`` (``None`` for arguments).
-      note: e.g. ``"2nd iteration of jax.lax.fori_loop at f.py:9"``.
-      returned: the key is among the function's outputs.
-      reuse: the kinds of reuse found at this key.
-    """
-
-    kind: str
-    label: str
-    detail: str = ""
-    location: str | None = None
-    note: str = ""
-    children: list[KeyNode] = dataclasses.field(default_factory=list, repr=False)
-    parent: KeyNode | None = dataclasses.field(default=None, repr=False)
-    returned: bool = False
-    reuse: list[str] = dataclasses.field(default_factory=list)
-    _uses: list[_Use] = dataclasses.field(default_factory=list, repr=False)
-    _folds: dict[Any, KeyNode] = dataclasses.field(default_factory=dict, repr=False)
-
-    @property
-    def path(self) -> str:
-        """How the key was derived: ``"key → split(4)[2] → fold_in(3)"``."""
-        parts: list[str] = []
-        node: KeyNode | None = self
-        while node is not None:
-            if node.kind == "index" and node.parent is not None and node.parent.kind == "split":
-                parts.append(node.parent.label + node.label)
-                node = node.parent.parent
-            else:
-                parts.append(node.label)
-                node = node.parent
-        return " → ".join(reversed(parts))
-
-    def _add(self, child: KeyNode) -> KeyNode:
-        child.parent = self
-        self.children.append(child)
-        return child
-
-
-@dataclasses.dataclass(frozen=True)
-class KeyReuse:
-    """One break of the one-use rule.
-
-    Attributes:
-      kind: ``"consumed twice"``, ``"split twice"``, ``"consumed after split"``,
-        ``"split after use"``, ``"folded after use"`` or ``"used after fold_in"``.
-      path: the key's path in the tree (:attr:`KeyNode.path`).
-      places: the two uses, e.g. ``("jax.random.normal at f.py:3", ...)``.
-      message: the warning text, with the fix.
-    """
-
-    kind: str
-    path: str
-    places: tuple[str, ...]
-    message: str
-    node: KeyNode = dataclasses.field(compare=False, repr=False)
-
-
-@dataclasses.dataclass
-class KeyTree:
-    """The keys of one traced call: ``roots`` (each a :class:`KeyNode` tree) and ``reuses``.
-
-    ``str(tree)`` draws it as text (``├─ └─``), ``_repr_html_`` as nested lists in
-    a notebook; keys that differ only in their label (``[0]`` … ``[7]``) share a line.
-    """
-
-    name: str
-    roots: list[KeyNode]
-    reuses: list[KeyReuse]
-
-    def nodes(self) -> Iterator[KeyNode]:
-        """Every node, depth first, in the order the program made them."""
-        stack = list(reversed(self.roots))
-        while stack:
-            node = stack.pop()
-            yield node
-            stack.extend(reversed(node.children))
-
-    def summary(self) -> str:
-        draws = sum(node.kind == "consume" for node in self.nodes())
-        found = f"{len(self.reuses)} reuse{'s' * (len(self.reuses) != 1)}" if self.reuses else "no reuse"
-        return (
-            f"PRNG keys of {self.name}: {len(self.roots)} root{'s' * (len(self.roots) != 1)}, "
-            f"{draws} draw{'s' * (draws != 1)}, {found}"
-        )
-
-    def __str__(self) -> str:
-        lines = [self.summary(), *(prefix + text for _, prefix, text, _ in _rows(self.roots))]
-        lines.extend(f"⚠ {reuse.message}" for reuse in self.reuses)
-        return "\n".join(lines)
-
-    def _repr_html_(self) -> str:
-        reuses = "".join(f"<li>⚠ {html.escape(reuse.message)}</li>" for reuse in self.reuses)
-        return (
-            '<div class="jaxpipe-prng-tree" style="font-family:monospace">'
-            f"<div><b>{html.escape(self.summary())}</b></div>"
-            f"{_html_list(_rows(self.roots))}"
-            + (f'<ul style="list-style:none;padding-left:0;color:#b00020">{reuses}</ul>' if reuses else "")
-            + "</div>"
-        )
-
-
-def key_tree(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> KeyTree:
-    """Traces ``fn(*args, **kwargs)`` and returns its PRNG key tree; warns on each reuse.
-
-    Array arguments (``jax.Array``, NumPy) are traced; other arguments (Python
-    numbers, strings, modules) stay static, as ``fn`` sees them. A
-    :class:`~jaxpipe.Pipeline` is traced through its built function.
-
-    Raises:
-      PipelineError: ``fn`` is not callable.
-    """
-    __tracebackhide__ = True
-    if not callable(fn):
-        raise PipelineError(
-            f"`key_tree` needs a function and its arguments, got {type(fn).__name__} {fn!r}.\n"
-            f"Pass the function and the arguments separately, e.g. key_tree(f, key), not key_tree(f(key))."
-        )
-    name = _name_of(fn)
-    leaves = jax.tree_util.tree_flatten_with_path((args, kwargs))[0]
-    treedef = jax.tree_util.tree_structure((args, kwargs))
-    traced = [i for i, (_, leaf) in enumerate(leaves) if isinstance(leaf, (jax.Array, np.ndarray, np.generic))]
-
-    def call(*arrays: Any) -> Any:
-        values = [leaf for _, leaf in leaves]
-        for i, array in zip(traced, arrays, strict=True):
-            values[i] = array
-        call_args, call_kwargs = jax.tree_util.tree_unflatten(treedef, values)
-        return fn(*call_args, **call_kwargs)
-
-    if len(traced) == len(leaves) and not isinstance(fn, Pipeline):
-        closed = jax.make_jaxpr(fn)(*args, **kwargs)  # the same trace, and JAX caches it for `fn`
-    else:
-        closed = jax.make_jaxpr(call)(*(leaves[i][1] for i in traced))
-    names = _argument_names(fn, len(args))
-    analysis = _Analysis()
-    inputs = [
-        analysis.argument(_path_text(leaves[i][0], names), leaves[i][1], var.aval)
-        for i, var in zip(traced, closed.jaxpr.invars, strict=True)
-    ]
-    outputs = analysis.call(closed, inputs, _Context())
-    for out in outputs:
-        for elem in _elements(out):
-            for node, _ in elem.alts:
-                node.returned = True
-    tree = KeyTree(name, analysis.roots, analysis.reuses)
-    for reuse, (file, line) in zip(analysis.reuses, analysis.reuse_places, strict=True):
-        message = f"PRNG key reuse in {name}: {reuse.message}"
-        if file is not None and line is not None:
-            warnings.warn_explicit(message, KeyReuseWarning, file, line)
-        else:
-            warnings.warn(message, KeyReuseWarning, stacklevel=2)
-    return tree
 
 
 # --- the abstract values the analysis computes ------------------------------------------
@@ -291,12 +52,12 @@ class _Abs:
     uniform: int | None = None
 
 
-def _elements(a: _Abs) -> list[_Elem]:
+def key_elements(a: _Abs) -> list[_Elem]:
     return [] if a.keys is None else [e for e in a.keys.flat if e is not None]
 
 
 @dataclasses.dataclass(frozen=True)
-class _Context:
+class Context:
     """Where an equation sits: the enclosing equations' source infos, the cond
     branches taken to get there, and the loop iteration (as a note)."""
 
@@ -304,13 +65,13 @@ class _Context:
     tag: frozenset[tuple[int, int]] = frozenset()
     note: str = ""
 
-    def enter(self, eqn: Any) -> _Context:
+    def enter(self, eqn: Any) -> Context:
         return dataclasses.replace(self, sources=(*self.sources, eqn.source_info))
 
-    def branch(self, cond: int, index: int) -> _Context:
+    def branch(self, cond: int, index: int) -> Context:
         return dataclasses.replace(self, tag=self.tag | {(cond, index)})
 
-    def iteration(self, note: str) -> _Context:
+    def iteration(self, note: str) -> Context:
         return dataclasses.replace(self, note=f"{self.note}; {note}" if self.note else note)
 
 
@@ -329,7 +90,7 @@ class _Where:
 
 
 @dataclasses.dataclass
-class _Use:
+class Use:
     kind: str  # "consume" | "split" | "fold_in"
     what: str
     where: _Where
@@ -385,7 +146,7 @@ _ADVICE = {
 # --- the analysis ------------------------------------------------------------------------
 
 
-class _Analysis:
+class Analysis:
     """An abstract interpreter of a jaxpr over :class:`_Abs` values."""
 
     def __init__(self) -> None:
@@ -400,7 +161,7 @@ class _Analysis:
         self._memo: dict[Any, KeyNode] = {}  # roots and traced-index picks, by identity
         self._consts: dict[int, _Abs] = {}
         self._reported: set[tuple[Any, ...]] = set()
-        self._libraries = _library_dirs()
+        self._libraries = library_dirs()
 
     # tokens
 
@@ -475,11 +236,11 @@ class _Analysis:
 
     # running jaxprs
 
-    def call(self, closed: Any, args: list[_Abs], ctx: _Context) -> list[_Abs]:
+    def call(self, closed: Any, args: list[_Abs], ctx: Context) -> list[_Abs]:
         consts = [self.const(c) for c in getattr(closed, "consts", ())]
         return self.run(getattr(closed, "jaxpr", closed), consts, args, ctx)
 
-    def run(self, jaxpr: Any, consts: list[_Abs], args: list[_Abs], ctx: _Context) -> list[_Abs]:
+    def run(self, jaxpr: Any, consts: list[_Abs], args: list[_Abs], ctx: Context) -> list[_Abs]:
         import jax.extend.core  # here, not at module top: it costs `import jaxpipe` about 20 ms
 
         env: dict[Any, _Abs] = dict(zip(jaxpr.constvars, consts, strict=True))
@@ -495,17 +256,17 @@ class _Analysis:
             env.update(zip(eqn.outvars, outs, strict=True))
         return [read(v) for v in jaxpr.outvars]
 
-    def equation(self, eqn: Any, ins: list[_Abs], ctx: _Context) -> list[_Abs]:
+    def equation(self, eqn: Any, ins: list[_Abs], ctx: Context) -> list[_Abs]:
         name = eqn.primitive.name
         handler = _HANDLERS.get(name)
         if handler is not None:
             return handler(self, eqn, ins, ctx)
-        if name in _CALLS:
+        if name in CALLS:
             return self.call_like(eqn, ins, ctx)
         in_avals = [v.aval for v in eqn.invars]
-        if name in _IDENTITY or (name == "convert_element_type" and in_avals[0].dtype == eqn.outvars[0].aval.dtype):
+        if name in IDENTITY or (name == "convert_element_type" and in_avals[0].dtype == eqn.outvars[0].aval.dtype):
             return list(ins)
-        if name in _MOVES and any(a.keys is not None for a in ins):
+        if name in MOVES and any(a.keys is not None for a in ins):
             return self.move(eqn, ins, ctx)
         if any(_is_key(aval) for aval in in_avals):
             if name not in ("eq", "ne"):  # comparing keys draws nothing
@@ -520,8 +281,8 @@ class _Analysis:
         name, outs = eqn.primitive.name, eqn.outvars
         if eqn.effects or any(True for _ in jax.extend.core.jaxprs_in_params(eqn.params)):
             return [self.fresh() for _ in outs]
-        if name in _FOLDABLE and all(a.value is not None for a in ins) and all(_small_int(v.aval) for v in outs):
-            values = _numpy_op(eqn, [a.value for a in ins])
+        if name in FOLDABLE and all(a.value is not None for a in ins) and all(_small_int(v.aval) for v in outs):
+            values = numpy_op(eqn, [a.value for a in ins])
             if values is not None and all(np.shape(x) == v.aval.shape for x, v in zip(values, outs, strict=True)):
                 return [self.value(np.asarray(x, dtype=v.aval.dtype)) for x, v in zip(values, outs, strict=True)]
         try:
@@ -537,7 +298,7 @@ class _Analysis:
 
     # keys: where they come from
 
-    def seed(self, eqn: Any, ins: list[_Abs], ctx: _Context) -> list[_Abs]:
+    def seed(self, eqn: Any, ins: list[_Abs], ctx: Context) -> list[_Abs]:
         where, (seeds,) = self.where(ctx), ins
         impl = _impl_name(eqn.params["impl"])
         shape = eqn.invars[0].aval.shape
@@ -549,7 +310,7 @@ class _Analysis:
             out[index] = _Elem([(self._root(memo, label, "", where, ctx.note), frozenset())])
         return [_Abs(next(self._fresh), keys=out)]
 
-    def wrap(self, eqn: Any, ins: list[_Abs], ctx: _Context) -> list[_Abs]:
+    def wrap(self, eqn: Any, ins: list[_Abs], ctx: Context) -> list[_Abs]:
         """``random_wrap``: raw key data (legacy keys) becomes a typed key."""
         (data,), shape = ins, eqn.outvars[0].aval.shape
         impl = _impl_name(eqn.params["impl"])
@@ -562,7 +323,7 @@ class _Analysis:
         return [_Abs(next(self._fresh), keys=out)]
 
     def _data_root(
-        self, data: _Abs, shape: tuple[int, ...], index: tuple[int, ...], flat: int, impl: str, ctx: _Context
+        self, data: _Abs, shape: tuple[int, ...], index: tuple[int, ...], flat: int, impl: str, ctx: Context
     ) -> KeyNode:
         if data.value is not None:
             raw = data.value.reshape(int(np.prod(shape, dtype=int)), -1)[flat].tobytes()
@@ -578,10 +339,10 @@ class _Analysis:
         where = self.where(ctx)
         return self._root(memo, "key data", f"wrapped by {where.api or 'random_wrap'}", where, ctx.note)
 
-    def unwrap(self, eqn: Any, ins: list[_Abs], ctx: _Context) -> list[_Abs]:
+    def unwrap(self, eqn: Any, ins: list[_Abs], ctx: Context) -> list[_Abs]:
         return [_Abs(next(self._fresh), keys=ins[0].keys)]
 
-    def clone(self, eqn: Any, ins: list[_Abs], ctx: _Context) -> list[_Abs]:
+    def clone(self, eqn: Any, ins: list[_Abs], ctx: Context) -> list[_Abs]:
         """``jax.random.clone`` opts out of reuse checks: each clone is a new root."""
         where, keys = self.where(ctx), _keys(ins[0], eqn.invars[0].aval)  # typed keys, or raw data
         out = np.empty(keys.shape, object)
@@ -593,7 +354,7 @@ class _Analysis:
 
     # keys: how they are used
 
-    def split(self, eqn: Any, ins: list[_Abs], ctx: _Context) -> list[_Abs]:
+    def split(self, eqn: Any, ins: list[_Abs], ctx: Context) -> list[_Abs]:
         where, shape = self.where(ctx), tuple(eqn.params["shape"])
         keys = _keys(ins[0], eqn.invars[0].aval)
         size = int(np.prod(shape, dtype=int))
@@ -607,7 +368,7 @@ class _Analysis:
                 parts = []
                 for node, tag in elem.alts:
                     split = KeyNode("split", label, detail, where.location, ctx.note)
-                    self.use(node, _Use("split", where.api or "split", where, ctx.note, ctx.tag | tag), split)
+                    self.use(node, Use("split", where.api or "split", where, ctx.note, ctx.tag | tag), split)
                     for child in np.ndindex(shape):
                         split._add(KeyNode("index", _index_text(child) or "[]", note=ctx.note))
                     parts.append((split, tag))
@@ -616,7 +377,7 @@ class _Analysis:
             out[index] = children
         return [_Abs(next(self._fresh), keys=out)]
 
-    def fold_in(self, eqn: Any, ins: list[_Abs], ctx: _Context) -> list[_Abs]:
+    def fold_in(self, eqn: Any, ins: list[_Abs], ctx: Context) -> list[_Abs]:
         where, (key_abs, data) = self.where(ctx), ins
         key_aval, data_aval = (v.aval for v in eqn.invars)
         shape = eqn.outvars[0].aval.shape
@@ -637,16 +398,16 @@ class _Analysis:
                 if child is None:
                     child = KeyNode("fold_in", label, detail, where.location, ctx.note)
                     node._folds[identity] = child
-                self.use(node, _Use("fold_in", where.api or "fold_in", where, ctx.note, ctx.tag | tag), child)
+                self.use(node, Use("fold_in", where.api or "fold_in", where, ctx.note, ctx.tag | tag), child)
                 parts.append((child, tag))
             out[index] = _Elem(parts)
         return [_Abs(next(self._fresh), keys=out)]
 
-    def consume(self, eqn: Any, ins: list[_Abs], ctx: _Context) -> list[_Abs]:
+    def consume(self, eqn: Any, ins: list[_Abs], ctx: Context) -> list[_Abs]:
         self.consume_all(eqn, ins[:1], ctx, None)
         return [self.fresh() for _ in eqn.outvars]
 
-    def consume_all(self, eqn: Any, ins: list[_Abs], ctx: _Context, label: str | None) -> None:
+    def consume_all(self, eqn: Any, ins: list[_Abs], ctx: Context, label: str | None) -> None:
         where = self.where(ctx)
         label = label or where.api or eqn.primitive.name
         details = []
@@ -655,12 +416,12 @@ class _Analysis:
         if where.scope:
             details.append(f"in {where.scope}" + (f" ({where.param})" if where.param else ""))
         for a in ins:
-            for elem in _elements(a):
+            for elem in key_elements(a):
                 for node, tag in elem.alts:
                     leaf = KeyNode("consume", label, " ".join(details), where.location, ctx.note)
-                    self.use(node, _Use("consume", label, where, ctx.note, ctx.tag | tag), leaf)
+                    self.use(node, Use("consume", label, where, ctx.note, ctx.tag | tag), leaf)
 
-    def use(self, node: KeyNode, use: _Use, child: KeyNode) -> None:
+    def use(self, node: KeyNode, use: Use, child: KeyNode) -> None:
         """Records a use of ``node`` and reports it if it breaks the one-use rule."""
         for earlier in node._uses:
             kind = _REUSE_KINDS.get((earlier.kind, use.kind))
@@ -671,7 +432,7 @@ class _Analysis:
         if child.parent is None:
             node._add(child)
 
-    def _report(self, node: KeyNode, kind: str, earlier: _Use, later: _Use) -> None:
+    def _report(self, node: KeyNode, kind: str, earlier: Use, later: Use) -> None:
         places = (earlier.place(), later.place())
         if places[0] == places[1]:  # tell them apart by their callers, else say "again"
             callers = (earlier.place(with_caller=True), later.place(with_caller=True))
@@ -688,10 +449,10 @@ class _Analysis:
 
     # keys: moved around
 
-    def move(self, eqn: Any, ins: list[_Abs], ctx: _Context) -> list[_Abs]:
+    def move(self, eqn: Any, ins: list[_Abs], ctx: Context) -> list[_Abs]:
         """Indexing, slicing, stacking, ...: done on element ids, exactly, when indices are known."""
         name, avals = eqn.primitive.name, [v.aval for v in eqn.invars]
-        roles = _operand_roles(name, len(ins))
+        roles = operand_roles(name, len(ins))
         table: list[_Elem | None] = []
         operands: list[Any] = []
         raw = not _is_key(next(aval for aval, is_array in zip(avals, roles, strict=True) if is_array))
@@ -709,7 +470,7 @@ class _Analysis:
         tokens = [a.token for a in self.data(eqn, ins)] if raw else [next(self._fresh) for _ in out_avals]
         if any(x is None for x in operands):
             return self._dynamic(eqn, ins, roles, table, tokens, raw, ctx)
-        results = _numpy_op(eqn, operands)
+        results = numpy_op(eqn, operands)
         if results is None:
             return [_Abs(t) for t in tokens]
         outs = []
@@ -736,7 +497,7 @@ class _Analysis:
         table: list[_Elem | None],
         tokens: list[int],
         raw: bool,
-        ctx: _Context,
+        ctx: Context,
     ) -> list[_Abs]:
         """A traced index: a pick is the same key only as a pick with the same traced value."""
         name = eqn.primitive.name
@@ -777,9 +538,9 @@ class _Analysis:
 
     # control flow
 
-    def call_like(self, eqn: Any, ins: list[_Abs], ctx: _Context) -> list[_Abs]:
+    def call_like(self, eqn: Any, ins: list[_Abs], ctx: Context) -> list[_Abs]:
         name, params = eqn.primitive.name, eqn.params
-        sub = params[_CALLS[name]]
+        sub = params[CALLS[name]]
         jaxpr = getattr(sub, "jaxpr", sub)
         if name in ("remat2", "checkpoint") and params.get("differentiated"):
             return [self.fresh() for _ in eqn.outvars]  # a backward-pass recomputation of forward draws
@@ -791,7 +552,7 @@ class _Analysis:
             return [self.fresh() for _ in eqn.outvars]
         return self.call(sub, ins, ctx)
 
-    def cond(self, eqn: Any, ins: list[_Abs], ctx: _Context) -> list[_Abs]:
+    def cond(self, eqn: Any, ins: list[_Abs], ctx: Context) -> list[_Abs]:
         branches, (_, *ops) = eqn.params["branches"], ins
         cond = next(self._conds)  # every branch is followed, even when the index is known for this call
         results = [self.call(branch, ops, ctx.branch(cond, b)) for b, branch in enumerate(branches)]
@@ -806,7 +567,7 @@ class _Analysis:
             merged.append(out)
         return merged
 
-    def scan(self, eqn: Any, ins: list[_Abs], ctx: _Context) -> list[_Abs]:
+    def scan(self, eqn: Any, ins: list[_Abs], ctx: Context) -> list[_Abs]:
         p = eqn.params
         consts_n, carry_n, length = p["num_consts"], p["num_carry"], p["length"]
         consts, carry, xs = ins[:consts_n], ins[consts_n : consts_n + carry_n], ins[consts_n + carry_n :]
@@ -836,7 +597,7 @@ class _Analysis:
         token = self.value(value).token if value is not None else self.token(("take", a.token, i))
         return _Abs(token, value, a.keys[i, ...] if a.keys is not None else None, a.uniform)
 
-    def while_loop(self, eqn: Any, ins: list[_Abs], ctx: _Context) -> list[_Abs]:
+    def while_loop(self, eqn: Any, ins: list[_Abs], ctx: Context) -> list[_Abs]:
         p = eqn.params
         cond_n, body_n = p["cond_nconsts"], p["body_nconsts"]
         cond_consts, body_consts, carry = ins[:cond_n], ins[cond_n : cond_n + body_n], ins[cond_n + body_n :]
@@ -849,12 +610,12 @@ class _Analysis:
 
     # places
 
-    def where(self, ctx: _Context) -> _Where:
+    def where(self, ctx: Context) -> _Where:
         frames = [f for si in ctx.sources if si.traceback is not None for f in reversed(si.traceback.frames)]
         user = [i for i, f in enumerate(frames) if not f.file_name.startswith(self._libraries)]
         inner = frames[user[-1]] if user else None
         outer = frames[user[0]] if user else None
-        api = _api_name(frames, self._random_dir, jax.random) or _api_name(frames, self._lax_dir, jax.lax)
+        api = api_name(frames, self._random_dir, jax.random) or api_name(frames, self._lax_dir, jax.lax)
         initializer = next(
             (
                 f"jax.nn.initializers.{f.function_name.split('.')[0]}"
@@ -875,9 +636,9 @@ class _Analysis:
             line=inner.line_num if inner else None,
             scope="/".join(scopes),
             initializer=initializer,
-            param=_flax_param(frames),
-            location=f"{_file_label(inner.file_name)}:{inner.line_num}" if inner else None,
-            caller=f"{_file_label(outer.file_name)}:{outer.line_num}" if outer else None,
+            param=flax_param(frames),
+            location=f"{file_label(inner.file_name)}:{inner.line_num}" if inner else None,
+            caller=f"{file_label(outer.file_name)}:{outer.line_num}" if outer else None,
         )
 
     @property
@@ -893,170 +654,19 @@ class _Analysis:
         return os.path.join(os.path.dirname(jax.__file__), "_src", "nn", "initializers")
 
 
-# --- helpers -----------------------------------------------------------------------------
-
-_HANDLERS: dict[str, Callable[[_Analysis, Any, list[_Abs], _Context], list[_Abs]]] = {
-    "random_seed": _Analysis.seed,
-    "random_wrap": _Analysis.wrap,
-    "random_unwrap": _Analysis.unwrap,
-    "random_clone": _Analysis.clone,
-    "random_split": _Analysis.split,
-    "random_fold_in": _Analysis.fold_in,
-    "random_bits": _Analysis.consume,
-    "random_gamma": _Analysis.consume,
-    "cond": _Analysis.cond,
-    "scan": _Analysis.scan,
-    "while": _Analysis.while_loop,
+_HANDLERS: dict[str, Callable[[Analysis, Any, list[_Abs], Context], list[_Abs]]] = {
+    "random_seed": Analysis.seed,
+    "random_wrap": Analysis.wrap,
+    "random_unwrap": Analysis.unwrap,
+    "random_clone": Analysis.clone,
+    "random_split": Analysis.split,
+    "random_fold_in": Analysis.fold_in,
+    "random_bits": Analysis.consume,
+    "random_gamma": Analysis.consume,
+    "cond": Analysis.cond,
+    "scan": Analysis.scan,
+    "while": Analysis.while_loop,
 }
-
-# call-like primitives -> the parameter holding the body
-_CALLS = {
-    "jit": "jaxpr",
-    "pjit": "jaxpr",
-    "closed_call": "call_jaxpr",
-    "core_call": "call_jaxpr",
-    "custom_jvp_call": "call_jaxpr",
-    "custom_vjp_call": "call_jaxpr",
-    "custom_vjp_call_jaxpr": "fun_jaxpr",
-    "remat2": "jaxpr",
-    "checkpoint": "jaxpr",
-    "shard_map": "jaxpr",
-}
-_IDENTITY = frozenset(
-    {
-        "copy",
-        "copy_p",
-        "device_put",
-        "optimization_barrier",
-        "sharding_constraint",
-        "reshard",
-        "pvary",
-        "mesh_cast",
-        "layout_constraint",
-        "stop_gradient",
-    }
-)
-_MOVES = frozenset(
-    {
-        "slice",
-        "squeeze",
-        "reshape",
-        "broadcast_in_dim",
-        "transpose",
-        "rev",
-        "concatenate",
-        "stack",
-        "unstack",
-        "split",
-        "tile",
-        "select_n",
-        "dynamic_slice",
-        "dynamic_update_slice",
-        "gather",
-        "scatter",
-    }
-)
-_ARITHMETIC: dict[str, Callable[..., Any]] = {
-    "add": np.add,
-    "sub": np.subtract,
-    "mul": np.multiply,
-    "neg": np.negative,
-    "max": np.maximum,
-    "min": np.minimum,
-    "lt": np.less,
-    "le": np.less_equal,
-    "gt": np.greater,
-    "ge": np.greater_equal,
-    "eq": np.equal,
-    "ne": np.not_equal,
-    "and": np.bitwise_and,
-    "or": np.bitwise_or,
-    "xor": np.bitwise_xor,
-    "not": np.invert,
-    "abs": np.abs,
-    "sign": np.sign,
-    "rem": np.fmod,
-    "clamp": lambda lo, x, hi: np.clip(x, lo, hi),
-}
-_FOLDABLE = frozenset({*_ARITHMETIC, *(_MOVES - {"gather", "scatter"}), "iota", "convert_element_type"})
-
-
-def _operand_roles(name: str, count: int) -> list[bool]:
-    """Which operands are arrays being moved (True) rather than indices (False)."""
-    if name == "select_n":
-        return [False] + [True] * (count - 1)
-    if name == "dynamic_slice":
-        return [True] + [False] * (count - 1)
-    if name == "dynamic_update_slice":
-        return [True, True] + [False] * (count - 2)
-    if name == "gather":
-        return [True, False]
-    if name == "scatter":
-        return [True, False, True]
-    return [True] * count
-
-
-def _numpy_op(eqn: Any, args: list[Any]) -> list[Any] | None:
-    """The equation done in NumPy (gathers and scatters through JAX), or None."""
-    name, p = eqn.primitive.name, eqn.params
-    try:
-        with np.errstate(all="raise"):
-            if name in _ARITHMETIC:
-                return [_ARITHMETIC[name](*args)]
-            a: Any = args[0] if args else None
-            if name == "convert_element_type":
-                return [np.asarray(a).astype(p["new_dtype"])]
-            if name == "iota":
-                shape, dim = p["shape"], p["dimension"]
-                ramp = np.arange(shape[dim]).reshape([-1 if i == dim else 1 for i in range(len(shape))])
-                return [np.broadcast_to(ramp, shape)]
-            if name == "slice":
-                strides = p["strides"] or (1,) * len(p["start_indices"])
-                return [a[tuple(map(slice, p["start_indices"], p["limit_indices"], strides))]]
-            if name == "squeeze":
-                return [np.squeeze(a, axis=tuple(p["dimensions"]))]
-            if name == "reshape":
-                dims = p.get("dimensions")
-                return [(a if dims is None else np.transpose(a, dims)).reshape(p["new_sizes"])]
-            if name == "broadcast_in_dim":
-                shape = list(p["shape"])
-                spread = [1] * len(shape)
-                for i, d in enumerate(p["broadcast_dimensions"]):
-                    spread[d] = a.shape[i]
-                return [np.broadcast_to(a.reshape(spread), shape)]
-            if name == "transpose":
-                return [np.transpose(a, p["permutation"])]
-            if name == "rev":
-                return [np.flip(a, p["dimensions"])]
-            if name == "concatenate":
-                return [np.concatenate(args, axis=p["dimension"])]
-            if name == "stack":
-                return [np.stack(args, axis=p["axis"])]
-            if name == "unstack":
-                return [np.take(a, i, axis=p["axis"]) for i in range(a.shape[p["axis"]])]
-            if name == "split":
-                return np.split(a, np.cumsum(p["sizes"])[:-1], axis=p["axis"])
-            if name == "tile":
-                return [np.tile(a, p["reps"])]
-            if name == "select_n":
-                return [np.choose(np.asarray(args[0]).astype(np.intp), np.broadcast_arrays(*args[1:]))]
-            if name in ("dynamic_slice", "dynamic_update_slice"):
-                block = p["slice_sizes"] if name == "dynamic_slice" else args[1].shape
-                starts = [
-                    int(np.clip(int(i), 0, d - s)) for i, d, s in zip(args[-len(block) :], a.shape, block, strict=True)
-                ]
-                where = tuple(slice(s, s + n) for s, n in zip(starts, block, strict=True))
-                if name == "dynamic_slice":
-                    return [a[where]]
-                out = np.array(a)
-                out[where] = args[1]
-                return [out]
-            if name in ("gather", "scatter"):
-                cast = [np.asarray(x, np.int32) for x in args]
-                return [np.asarray(eqn.primitive.bind(*cast, **p))]
-    except (ValueError, TypeError, IndexError, FloatingPointError, ArithmeticError):
-        return None
-    return None
 
 
 def _keys(a: _Abs, aval: Any) -> Any:
@@ -1113,188 +723,3 @@ def _index_text(index: Sequence[Any]) -> str:
 def _iteration_note(where: _Where, default: str) -> str:
     loop = where.api or default
     return f"2nd iteration of {loop}" + (f" at {where.location}" if where.location else "")
-
-
-def _api_name(frames: list[Any], directory: str, namespace: Any) -> str | None:
-    """The outermost public function of ``namespace`` defined under ``directory``."""
-    for frame in frames:
-        fn = frame.function_name
-        if frame.file_name.startswith(directory) and not fn.startswith("_") and "." not in fn:
-            if hasattr(namespace, fn):
-                return f"{namespace.__name__}.{fn}"
-    return None
-
-
-_PARAM_CALL = re.compile(r"\.param\(\s*['\"]([^'\"]+)['\"]")
-
-
-def _flax_param(frames: list[Any]) -> str | None:
-    """The name given to Flax's ``self.param`` (read from the caller's source)."""
-    for caller, frame in itertools.pairwise(frames):
-        if frame.function_name == "Module.param" and os.sep + "flax" + os.sep in frame.file_name:
-            text = "".join(linecache.getline(caller.file_name, caller.line_num + i) for i in range(3))
-            found = _PARAM_CALL.search(text)
-            return found.group(1) if found else None
-    return None
-
-
-def _file_label(file: str) -> str:
-    """``model.py``, or ``In[3]`` for a cell of the running IPython shell."""
-    ipython = sys.modules.get("IPython")
-    shell = ipython.get_ipython() if ipython is not None else None
-    format_code_name = getattr(getattr(shell, "compile", None), "format_code_name", None)
-    named = format_code_name(file) if format_code_name is not None else None
-    return named[1] if named else os.path.basename(file)
-
-
-def _library_dirs() -> tuple[str, ...]:
-    """Where library code lives: frames there are not the user's."""
-    dirs = {sysconfig.get_paths()["stdlib"], "<frozen"}
-    for name in (
-        "jax",
-        "jaxlib",
-        "flax",
-        "optax",
-        "orbax",
-        "numpy",
-        "jaxpipe",
-        "jaxpipe_flax",
-        "jaxpipe_optax",
-        "jaxpipe_orbax",
-        "equinox",
-        "chex",
-        "haiku",
-        "treescope",
-        "IPython",
-    ):
-        file = getattr(sys.modules.get(name), "__file__", None)
-        if file:
-            dirs.add(os.path.dirname(file) + os.sep)
-    return tuple(sorted(dirs))
-
-
-def _name_of(fn: Any) -> str:
-    if isinstance(fn, Pipeline):
-        return repr(fn)
-    return getattr(fn, "__name__", None) or type(fn).__name__
-
-
-def _argument_names(fn: Any, count: int) -> list[str]:
-    try:
-        params = list(inspect.signature(fn.build() if isinstance(fn, Pipeline) else fn).parameters.values())
-    except (TypeError, ValueError):
-        params = []
-    names = []
-    for i in range(count):
-        if i < len(params) and params[i].kind in (params[i].POSITIONAL_ONLY, params[i].POSITIONAL_OR_KEYWORD):
-            names.append(params[i].name)
-        else:
-            names.append(f"args[{i}]")
-    return names
-
-
-def _path_text(path: Sequence[Any], names: list[str]) -> str:
-    """``((args, kwargs), path)`` → ``"state.key"``, ``"rngs['dropout']"``."""
-    top, index, *rest = path
-    if top.idx == 0:
-        head = names[index.idx]
-    else:
-        head = str(index.key)
-    return head + jax.tree_util.keystr(tuple(rest))
-
-
-# --- drawing -----------------------------------------------------------------------------
-
-_UL_STYLE = "list-style:none;margin:0 0 0 0.4em;padding-left:1em;border-left:1px solid #ccc"
-
-
-def _signature(node: KeyNode, depth: int = 0) -> tuple[Any, ...]:
-    """What a line shows, and its subtree, but not its own label."""
-    if depth > 6:  # deep chains (a Python loop of splits) are not grouped: keeps this shallow
-        return (id(node),)
-    return (
-        node.kind,
-        node.label if depth or node.kind == "consume" else None,
-        node.detail,
-        node.location,
-        node.note,
-        node.returned,
-        tuple(node.reuse),
-        tuple(_signature(c, depth + 1) for c in node.children),
-    )
-
-
-def _groups(nodes: list[KeyNode]) -> list[tuple[KeyNode, KeyNode, int]]:
-    """Runs of siblings that differ only in their label, drawn as one line."""
-    groups: list[tuple[KeyNode, KeyNode, int]] = []
-    last_signature = None
-    for node in nodes:
-        signature = _signature(node) if node.kind in KEY_KINDS else None
-        if groups and signature is not None and signature == last_signature:
-            first, _, count = groups[-1]
-            groups[-1] = (first, node, count + 1)
-        else:
-            groups.append((node, node, 1))
-        last_signature = signature
-    return groups
-
-
-def _inline_child(node: KeyNode) -> KeyNode | None:
-    """A key drawn from once is drawn on one line: ``[0] → jax.random.normal at f.py:3``."""
-    if node.kind in KEY_KINDS and len(node.children) == 1:
-        child = node.children[0]
-        if child.kind == "consume" and not node.reuse:
-            return child
-    return None
-
-
-def _line_text(node: KeyNode, label: str) -> str:
-    note = node.note if node.parent is None or node.note != node.parent.note else ""
-    parts = [label, node.detail, f"at {node.location}" if node.location else "", f"[{note}]" if note else ""]
-    if node.kind in KEY_KINDS and not node.children:
-        parts.append("(returned)" if node.returned else "(unused)")
-    elif node.returned:
-        parts.append("(returned)")
-    if node.reuse:
-        parts.append("⚠ " + ", ".join(node.reuse))
-    return " ".join(p for p in parts if p)
-
-
-def _text(first: KeyNode, last: KeyNode, count: int) -> str:
-    label = first.label if count == 1 else f"{first.label} … {last.label} ({count} keys)"
-    text = _line_text(first, label)
-    child = _inline_child(first)
-    return text if child is None else f"{text} → {_line_text(child, child.label)}"
-
-
-def _rows(roots: list[KeyNode]) -> list[tuple[int, str, str, bool]]:
-    """The lines of the tree, depth first: (depth, ``├─`` prefix, text, has reuse)."""
-    rows: list[tuple[int, str, str, bool]] = []
-    stack = [(*group, 0, "", "") for group in reversed(_groups(roots))]
-    while stack and len(rows) < _MAX_LINES:  # a loop, not recursion: a Python loop of splits nests deep
-        first, last, count, depth, prefix, connector = stack.pop()
-        rows.append((depth, prefix + connector, _text(first, last, count), bool(first.reuse)))
-        if _inline_child(first) is None:
-            groups = _groups(first.children)
-            inner = prefix + {"": "", "└─ ": "   "}.get(connector, "│  ")
-            for i in reversed(range(len(groups))):
-                stack.append((*groups[i], depth + 1, inner, "└─ " if i == len(groups) - 1 else "├─ "))
-    if stack:
-        rows.append((0, "", f"… (cut at {_MAX_LINES} lines)", False))
-    return rows
-
-
-def _html_list(rows: list[tuple[int, str, str, bool]]) -> str:
-    out, depth = [f'<ul style="{_UL_STYLE}">'], 0
-    for i, (row_depth, _, text, reuse) in enumerate(rows):
-        if i and row_depth > depth:  # one level deeper: a list inside the open item
-            out.append(f'<ul style="{_UL_STYLE}">')
-        elif i:
-            out.append("</li>" + "</ul></li>" * (depth - row_depth))
-        shown = html.escape(text)
-        out.append(f'<li><span style="color:#b00020">{shown}</span>' if reuse else f"<li>{shown}")
-        depth = row_depth
-    if rows:
-        out.append("</li>" + "</ul></li>" * depth)
-    out.append("</ul>")
-    return "".join(out)

@@ -1,0 +1,235 @@
+"""The built-in stages: JAX's transforms, ``debug``, ``scan`` and the sharding stages.
+
+Built-in kinds use the JAX function itself as the transform, so a stage's
+options are exactly that function's keyword arguments.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+from jaxpipe import _data_parallel, _shard
+from jaxpipe._arguments import check_argnames, check_argnums, positional_range
+from jaxpipe._stages import StageContext, StageKind, Training
+
+# --- checks of the built-in stages ---------------------------------------------
+
+
+def _check_axes_leaves(value: Any, key: str) -> None:
+    flat = value if isinstance(value, tuple) else (value,)
+    if all(x is None or type(x) is int for x in flat):  # the usual 0 or (None, 0): no tree walk
+        return
+    leaves = jax.tree.leaves(value, is_leaf=lambda x: x is None)
+    bad = [x for x in leaves if x is not None and (not isinstance(x, int) or isinstance(x, bool))]
+    if bad:
+        raise TypeError(
+            f"`{key}` entries must be ints or None, got {bad[0]!r} in {key}={value!r}.\n"
+            f"Give an axis number to map over, or None for an argument that is not mapped."
+        )
+
+
+def _check_in_axes(ctx: StageContext, options: dict[str, Any]) -> None:
+    in_axes = options.get("in_axes", 0)
+    if not (in_axes is None or isinstance(in_axes, (int, tuple, list))) or isinstance(in_axes, bool):
+        raise TypeError(
+            f"`in_axes` must be an int, None, or a tuple with one entry per positional "
+            f"argument, got {type(in_axes).__name__} {in_axes!r}.\n"
+            f"For example in_axes=0 maps every argument over axis 0; in_axes=(None, 0) "
+            f"maps only the second."
+        )
+    _check_axes_leaves(in_axes, "in_axes")
+    _check_axes_leaves(options.get("out_axes", 0), "out_axes")
+    bounds = positional_range(ctx.signature)
+    if not isinstance(in_axes, (tuple, list)) or bounds is None:
+        return
+    required, maximum = bounds
+    if len(in_axes) < required or (maximum is not None and len(in_axes) > maximum):
+        takes = f"{required}" if required == maximum else f"{required} to {maximum}"
+        example = tuple(list(in_axes[:required]) + [0] * (required - len(in_axes)))
+        raise ValueError(
+            f"in_axes has {len(in_axes)} entr{'y' if len(in_axes) == 1 else 'ies'} but "
+            f"`{ctx.fn_name}` takes {takes} positional argument{'s' if maximum != 1 else ''}.\n"
+            f"Give one entry per positional argument, e.g. in_axes={example!r}."
+        )
+
+
+def _check_jit(ctx: StageContext, options: dict[str, Any]) -> None:
+    for key in ("static_argnums", "donate_argnums"):
+        if key in options:
+            check_argnums(ctx, options, key)
+    for key in ("static_argnames", "donate_argnames"):
+        if key in options:
+            check_argnames(ctx, options, key)
+    _shard.check_jit_shardings(ctx, options)
+
+
+def _check_diff(ctx: StageContext, options: dict[str, Any]) -> None:
+    check_argnums(ctx, options, "argnums")
+
+
+def _check_pmap(ctx: StageContext, options: dict[str, Any]) -> None:
+    _check_in_axes(ctx, options)
+    for key in ("static_broadcasted_argnums", "donate_argnums"):
+        if key in options:
+            check_argnums(ctx, options, key)
+
+
+def _check_remat(ctx: StageContext, options: dict[str, Any]) -> None:
+    if "static_argnums" in options:
+        check_argnums(ctx, options, "static_argnums")
+    policy = options.get("policy")
+    if policy is not None and not callable(policy):
+        raise TypeError(f"`policy` must be a callable such as jax.checkpoint_policies.dots_saveable, got {policy!r}.")
+
+
+# --- the debug stage ----------------------------------------------------------
+
+
+def debug(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Runs the pipeline eagerly with jit disabled, so breakpoints and print work."""
+
+    @functools.wraps(fn)
+    def run_eagerly(*args: Any, **kwargs: Any) -> Any:
+        with jax.disable_jit():
+            return fn(*args, **kwargs)
+
+    return run_eagerly
+
+
+def _explain_debug(ctx: StageContext, inner: str, options: dict[str, Any]) -> tuple[str, str]:
+    del ctx, options  # debug takes none
+    code = (
+        "def run_eagerly(*args, **kwargs):\n"
+        "    with jax.disable_jit():  # breakpoints and print see real values\n"
+        f"        return {inner}(*args, **kwargs)"
+    )
+    return code, "run_eagerly"
+
+
+# --- the scan stage ------------------------------------------------------------
+
+
+def scan(step: Callable[..., Any], steps: int, unroll: int | bool = 1) -> Callable[..., Any]:
+    """Runs several training steps per call with ``jax.lax.scan``.
+
+    ``steps`` is how many batches ``fit`` stacks per call; the scanned function
+    accepts any number of stacked batches (a shorter last group recompiles once).
+    ``unroll`` is ``jax.lax.scan``'s: steps per loop iteration, which lets XLA
+    overlap consecutive small steps.
+    """
+    del steps  # used by fit to stack batches; lax.scan reads the length from them
+
+    @functools.wraps(step)
+    def scanned(state: Any, batches: Any) -> Any:
+        return jax.lax.scan(step, state, batches, unroll=unroll)
+
+    return scanned
+
+
+def _check_scan(ctx: StageContext, options: dict[str, Any]) -> None:
+    del ctx  # any step function (state, batch) -> (state, metrics) will do
+    steps = options.get("steps")
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"`steps` must be a positive int (batches per call), got {steps!r}; e.g. .scan(50).")
+    unroll = options.get("unroll", 1)
+    if not isinstance(unroll, int) or (not isinstance(unroll, bool) and unroll < 1):
+        raise ValueError(f"`unroll` must be a positive int or a bool, as for jax.lax.scan, got {unroll!r}.")
+
+
+def _explain_scan(ctx: StageContext, inner: str, options: dict[str, Any]) -> tuple[str, str]:
+    del ctx  # the same loop whatever it wraps
+    code = (
+        "def scanned(state, batches):  # each leaf of batches: "
+        f"[{options['steps']}, ...] stacked batches\n"
+        f"    return jax.lax.scan({inner}, state, batches"
+        + (f", unroll={options['unroll']!r})" if "unroll" in options else ")")
+    )
+    return code, "scanned"
+
+
+def _builtin(name: str, apply: Callable[..., Any], jax_name: str, check: Any = None, **kw: Any) -> StageKind:
+    return StageKind(name, apply, jax_name, check=check, keeps_signature=True, **kw)
+
+
+BUILTIN_STAGES: dict[str, StageKind] = {
+    kind.name: kind
+    for kind in (
+        _builtin(
+            "jit",
+            _shard.jit,  # jax.jit, plus mesh= to write shardings as PartitionSpecs
+            "jax.jit",
+            _check_jit,
+            explain=_shard.explain_jit,
+            compiles=True,
+            doc="Compiles with XLA (`jax.jit`).",
+        ),
+        _builtin("grad", jax.grad, "jax.grad", _check_diff, doc="Gradient (`jax.grad`)."),
+        _builtin(
+            "value_and_grad",
+            jax.value_and_grad,
+            "jax.value_and_grad",
+            _check_diff,
+            doc="Value and gradient in one pass (`jax.value_and_grad`).",
+        ),
+        _builtin("hessian", jax.hessian, "jax.hessian", _check_diff, doc="Hessian (`jax.hessian`)."),
+        _builtin("jacfwd", jax.jacfwd, "jax.jacfwd", _check_diff, doc="Forward-mode Jacobian (`jax.jacfwd`)."),
+        _builtin("jacrev", jax.jacrev, "jax.jacrev", _check_diff, doc="Reverse-mode Jacobian (`jax.jacrev`)."),
+        _builtin("vmap", jax.vmap, "jax.vmap", _check_in_axes, doc="Vectorizes over a batch axis (`jax.vmap`)."),
+        _builtin(
+            "pmap",
+            jax.pmap,
+            "jax.pmap",
+            _check_pmap,
+            compiles=True,
+            distributes=True,
+            doc="Maps over devices (`jax.pmap`, maintenance mode in JAX).",
+        ),
+        _builtin(
+            "remat",
+            jax.checkpoint,
+            "jax.checkpoint",
+            _check_remat,
+            doc="Recomputes activations in the backward pass to save memory (`jax.checkpoint`).",
+        ),
+        _builtin(
+            "debug",
+            debug,
+            "",
+            explain=_explain_debug,
+            last=True,
+            doc="Runs eagerly under `jax.disable_jit()` so breakpoints and print work; the last stage.",
+        ),
+        _builtin(
+            "scan",
+            scan,
+            "jax.lax.scan",
+            _check_scan,
+            explain=_explain_scan,
+            steps_per_call=lambda options: options["steps"],
+            doc="Runs `steps` training steps per call with `jax.lax.scan`.",
+        ),
+        _builtin(
+            "shard",
+            _shard.shard,
+            "jax.shard_map",
+            _shard.check_shard,
+            explain=_shard.explain_shard,
+            distributes=True,
+            doc="Runs once per device on its block of each argument (`jax.shard_map`).",
+        ),
+        _builtin(
+            "data_parallel",
+            _data_parallel.data_parallel,
+            "",
+            _data_parallel.check_data_parallel,
+            explain=_data_parallel.explain_data_parallel,
+            distributes=True,
+            training=Training(run_hooks=_data_parallel.OnMesh),  # its hook places the (fresh or restored) state
+            doc="Splits each training batch along a mesh axis; the state stays replicated.",
+        ),
+    )
+}

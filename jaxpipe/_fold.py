@@ -1,0 +1,83 @@
+"""The one walk over a pipeline's stages: in call order, numbered from 1, errors placed at their stage.
+
+``build``, ``explain``, ``init``, ``fit``'s evaluator, the error advice and the
+sharding hooks all walk the stages through :func:`fold`, so a stage's error
+reads the same wherever it happens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from jaxpipe._arguments import signature_of
+from jaxpipe._stages import Stage, StageContext
+from jaxpipe.errors import PipelineError
+
+if TYPE_CHECKING:
+    from jaxpipe._pipeline import Pipeline
+
+T = TypeVar("T")
+
+
+def context(fn: Callable[..., Any], before: tuple[Stage, ...]) -> StageContext:
+    """What a stage placed after ``before`` sees: the signature when every stage before keeps it."""
+    keeps = all(stage.kind.keeps_signature for stage in before)
+    return StageContext(fn, signature_of(fn) if keeps else None, before)
+
+
+def fold(
+    pipe: Pipeline,
+    step: Callable[[T, Stage, StageContext], T],
+    initial: T,
+    failed: Callable[[Stage, Exception], str],
+) -> T:
+    """``step(acc, stage, context)`` over the stages in call order, from ``initial``.
+
+    A stage's own :class:`~jaxpipe.PipelineError` is placed at that stage
+    (:meth:`~jaxpipe.PipelineError.at`); any other exception becomes one whose
+    message is ``failed(stage, err)``, with the original chained.
+    """
+    __tracebackhide__ = True
+    acc = initial
+    stages = pipe.stages
+    for number, stage in enumerate(stages, 1):
+        try:
+            acc = step(acc, stage, context(pipe.fn, stages[: number - 1]))
+        except PipelineError as err:
+            if err.stage is not None:
+                raise
+            raise err.at(number, stage, pipe) from err
+        except Exception as err:
+            raise PipelineError(failed(stage, err)).at(number, stage, pipe) from err
+    return acc
+
+
+def rejected(stage: Stage, err: Exception) -> str:
+    return f"`{stage.kind.jax_name or stage.name}` rejected its options {stage!r}: {err}"
+
+
+def build(pipe: Pipeline) -> Callable[..., Any]:
+    """The composed callable: each stage's ``apply`` around the one before (no sharing; see ``Pipeline.build``)."""
+    return fold(pipe, lambda fn, stage, ctx: stage.apply(fn), pipe.fn, rejected)
+
+
+def explain(pipe: Pipeline) -> str:
+    """The equivalent hand-written JAX: each stage's ``explain`` around the expression so far."""
+    definitions: list[str] = []
+
+    def wrap(expression: str, stage: Stage, ctx: StageContext) -> str:
+        result = stage.kind.explain_call(ctx, expression, dict(stage.options))
+        if isinstance(result, tuple):
+            code, expression = result
+            definitions.append(code)
+            return expression
+        return result
+
+    expression = fold(pipe, wrap, pipe.name, lambda stage, err: f"explaining `.{stage.name}()` failed: {err}")
+    return "\n\n".join([*definitions, expression])
+
+
+def numbered(stages: Sequence[Stage], where: Callable[[Stage], bool]) -> int | None:
+    """The 1-based number of the first stage for which ``where`` holds, else None."""
+    return next((number for number, stage in enumerate(stages, 1) if where(stage)), None)
