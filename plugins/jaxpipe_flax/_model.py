@@ -293,7 +293,8 @@ class ModelLoss:
     def draws_random(self, key: jax.Array, step: jax.Array, params: Any, batch: Any, model_state: Any) -> bool:
         """Whether the training-mode forward pass uses its keys: traced once per argument shapes."""
         model_keys = jax.eval_shape(lambda k, s: step_keys(self.rng, k, s)[1], key, step)
-        args = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), (params, batch, model_state))
+        abstract = lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x))  # noqa: E731
+        args = jax.tree.map(abstract, (params, batch, model_state))
         cache_key = (jax.tree.structure((model_keys, args)), tuple(jax.tree.leaves((model_keys, args))))
         if cache_key not in self._draws:
             try:
@@ -504,13 +505,13 @@ def _explain(inner: str, options: dict[str, Any]) -> tuple[str, str]:
     call = f"{inner}(outputs, batch)"  # plus params=, step=, model_state= where the loss names them
     rng = options.get("rng", "split")
     if rng == "fold_in":
-        scheme = "# per-step keys (rng='fold_in'): dropout_key = jax.random.fold_in(state.key, state.step)\n"
+        scheme = "# per-step keys, rng='fold_in': dropout_key = jax.random.fold_in(state.key, state.step)\n"
     elif callable(rng):
         name = getattr(rng, "__name__", "rng")
-        scheme = f"# per-step keys (rng={name}): key, dropout_key = {name}(state.key, state.step)\n"
+        scheme = f"# per-step keys, rng={name}: key, dropout_key = {name}(state.key, state.step)\n"
     else:
-        scheme = ""
-    scheme += "# a model that draws no random numbers gets no key: state.key is left as it is\n"
+        scheme = "# per-step keys, rng='split': key, dropout_key = jax.random.split(state.key)\n"
+    scheme += "# (none, and state.key left as it is, when the model draws no random numbers)\n"
     if isinstance(module, nnx.Module):
         flags = "".join(f", {name}={TRAIN_FLAGS[name]}" for name in names)
         tags = _Nnx(module).rng_tags

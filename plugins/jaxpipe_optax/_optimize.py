@@ -78,8 +78,10 @@ def optimize(
 
     def objective(params: Any, batch: Any, key: Any, model_state: Any, step: Any) -> Any:
         if train is not None:
-            return train(params, batch, key, model_state, step=step) if wants_step else train(
-                params, batch, key, model_state
+            return (
+                train(params, batch, key, model_state, step=step)
+                if wants_step
+                else train(params, batch, key, model_state)
             )
         value, metrics = loss_and_metrics(loss(params, batch), name, "optimize")
         return value, (metrics, model_state)
@@ -252,8 +254,7 @@ def _explain(inner: str, options: dict[str, Any]) -> tuple[str, str]:
             + "    examples = jax.tree.map(lambda x: x[:, None], batch)  # each example a batch of one\n"
             + ("    n = len(batch[next(iter(batch))])\n" if with_model else "")
             + f"    {aux}, grads = jax.vmap(jax.value_and_grad({inner}{', has_aux=True' if with_model else ''}), "
-            f"in_axes={axes})(\n        {args})  # per-example gradients\n"
-            + "    value = values.mean()\n"
+            f"in_axes={axes})(\n        {args})  # per-example gradients\n" + "    value = values.mean()\n"
         )
     lr = options.get("learning_rate")
     if lr is not None:
