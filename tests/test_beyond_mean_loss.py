@@ -6,7 +6,9 @@ own per-step key schemes, and Optax's DP-SGD example with per-example gradients.
 
 from __future__ import annotations
 
+import re
 from functools import partial
+from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -502,3 +504,26 @@ def test_init_with_an_empty_sample_batch(sample):
     trainer = Pipeline(loss).model(Deterministic(), input="image").optimize(optax.sgd(0.1))
     with pytest.raises(PipelineError, match=r"needs a sample batch[\s\S]*\{'image': x\[:8\], 'label': y\[:8\]\}"):
         trainer.init(jax.random.key(0), sample)
+
+
+# --- the README's "Beyond the mean loss" section runs as written ------------------------------------------
+
+
+def test_readme_beyond_the_mean_loss_blocks_run():
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    section = re.split(r"\n#{2,3} ", text.split("### Beyond the mean loss\n", 1)[1], maxsplit=1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) == 4
+    namespace: dict = {}
+    for block in blocks:  # in order, in one namespace, as the README test runs them
+        namespace.pop("metrics", None)
+        exec(compile(block, "README.md", "exec"), namespace)
+        assert int(namespace["state"].step) == 1
+        assert np.isfinite(namespace["metrics"]["loss"])
+
+
+def test_a_stream_without_a_key_is_explained(batch):
+    trainer = Pipeline(loss).model(NoisyMLP(), input="image", rng="fold_in").optimize(optax.sgd(0.1)).jit()
+    state = trainer.init(jax.random.key(0), batch)
+    with pytest.raises(PipelineError, match=r"RNG stream that got no key[\s\S]*rng_names=\('dropout', 'noise'\)"):
+        trainer(state, batch)

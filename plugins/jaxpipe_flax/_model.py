@@ -253,6 +253,13 @@ class ModelLoss:
         try:
             return self.adapter.apply(params, model_state, inputs, key)
         except Exception as err:
+            if _is_rng_error(err):
+                raise PipelineError(
+                    f"{self._stage}: the module draws from an RNG stream that got no key: {err}\n"
+                    f"Name every stream it draws from, e.g. rng_names=('dropout', 'noise'), or give an "
+                    f"`rng=` function that returns a dict of keys, one per stream.",
+                    stage_name="model",
+                ) from err
             if not _is_shape_error(err):
                 raise
             shapes = ", ".join(f"{jnp.shape(x)} {jnp.result_type(x)}" for x in jax.tree.leaves(inputs))
@@ -337,6 +344,12 @@ class ModelLoss:
                 stage_name="model",
             ) from err
         return loss_and_metrics(value, self.__name__, "model")
+
+
+def _is_rng_error(err: Exception) -> bool:
+    from flax import errors
+
+    return isinstance(err, errors.InvalidRngError)
 
 
 def _is_shape_error(err: Exception) -> bool:
