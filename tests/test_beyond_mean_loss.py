@@ -527,3 +527,12 @@ def test_a_stream_without_a_key_is_explained(batch):
     state = trainer.init(jax.random.key(0), batch)
     with pytest.raises(PipelineError, match=r"RNG stream that got no key[\s\S]*rng_names=\('dropout', 'noise'\)"):
         trainer(state, batch)
+
+
+def test_explain_shows_the_key_scheme_rngs_and_per_example_gradients():
+    text = Pipeline(loss).model(CNN(nnx.Rngs(0)), input="image", rng="fold_in").optimize(dpsgd(), per_example=True)
+    text = text.explain()
+    assert "dropout_key = jax.random.fold_in(state.key, state.step)" in text
+    assert "outputs = model(batch['image'], rngs=nnx.Rngs(dropout_key))" in text
+    assert "jax.vmap(jax.value_and_grad(model_loss, has_aux=True), in_axes=(None, 0, 0, None))" in text
+    assert "examples = jax.tree.map(lambda x: x[:, None], batch)" in text

@@ -254,8 +254,11 @@ def _explain(inner: str, options: dict[str, Any]) -> tuple[str, str]:
             + "    examples = jax.tree.map(lambda x: x[:, None], batch)  # each example a batch of one\n"
             + ("    n = len(batch[next(iter(batch))])\n" if with_model else "")
             + f"    {aux}, grads = jax.vmap(jax.value_and_grad({inner}{', has_aux=True' if with_model else ''}), "
-            f"in_axes={axes})(\n        {args})  # per-example gradients\n" + "    value = values.mean()\n"
+            f"in_axes={axes})(\n        {args})  # per-example gradients\n"
+            + "    value = values.mean()\n"
+            + ("    metrics, model_state = jax.tree.map(jnp.mean, metrics), state.model_state\n" if with_model else "")
         )
+    norm = "jax.tree.map(lambda g: g.mean(0), grads)" if options.get("per_example") else "grads"
     lr = options.get("learning_rate")
     if lr is not None:
         value = f"{getattr(lr, '__name__', 'schedule')}(state.step)" if callable(lr) else repr(lr)
@@ -270,7 +273,7 @@ def _explain(inner: str, options: dict[str, Any]) -> tuple[str, str]:
         f"{grads}"
         "    updates, opt_state = tx.update(grads, state.opt_state, state.params)\n"
         "    params = optax.apply_updates(state.params, updates)\n"
-        f'    metrics = {{{"**metrics, " if with_model else ""}"loss": value, "grad_norm": optax.tree.norm(grads)}}\n'
+        f'    metrics = {{{"**metrics, " if with_model else ""}"loss": value, "grad_norm": optax.tree.norm({norm})}}\n'
         f"{lr_line}"
         f"    return state.replace(step=state.step + 1, {replace}), metrics"
     )
