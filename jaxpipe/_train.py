@@ -109,7 +109,8 @@ def split_init_key(key: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
 
 def _check_key(key: Any, pipe: Pipeline) -> None:
     """``init`` takes one PRNG key: ``jax.random.key(0)`` (a legacy ``PRNGKey`` array works too)."""
-    given = f"{type(key).__name__} {key!r}" if jnp.size(key) < 8 else f"an array of shape {jnp.shape(key)}"
+    dtype = getattr(key, "dtype", None)
+    given = f"{type(key).__name__} {key!r}" if dtype is None else f"an array of shape {jnp.shape(key)}, dtype {dtype}"
     try:
         typed = key if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else jax.random.wrap_key_data(key)
         ok = typed.shape == ()
