@@ -536,3 +536,21 @@ def test_explain_shows_the_key_scheme_rngs_and_per_example_gradients():
     assert "outputs = model(batch['image'], rngs=nnx.Rngs(dropout_key))" in text
     assert "jax.vmap(jax.value_and_grad(model_loss, has_aux=True), in_axes=(None, 0, 0, None))" in text
     assert "examples = jax.tree.map(lambda x: x[:, None], batch)" in text
+
+
+def test_optional_rngs_of_a_module_with_own_streams_keeps_its_streams(batch):
+    module = nnx.Sequential(nnx.Linear(8, 4, rngs=nnx.Rngs(0)), nnx.Dropout(0.5, rngs=nnx.Rngs(1)))  # rngs=None
+    trainer = Pipeline(loss).model(module, input="image").optimize(optax.sgd(0.1)).jit()
+    state = trainer.init(jax.random.key(0), batch)
+    graphdef, params, rng_state, rest = nnx.split(module, nnx.Param, nnx.RngState, ...)
+    rng_state, rest = nnx.to_pure_dict(rng_state), nnx.to_pure_dict(rest)
+
+    @jax.jit
+    def hand_loss(params, key):
+        model = nnx.merge(graphdef, params, rng_state, rest)
+        model.train()
+        nnx.reseed(model, default=jax.random.split(key)[1])  # today's scheme: the module's own stream
+        return loss(model(batch["image"]), batch)
+
+    _, metrics = trainer(state, batch)
+    np.testing.assert_array_equal(metrics["loss"], hand_loss(nnx.to_pure_dict(params), state.key))

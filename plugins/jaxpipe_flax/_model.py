@@ -76,12 +76,17 @@ def _loss_keywords(loss: Callable[..., Any]) -> tuple[str, ...]:
     return tuple(name for name in LOSS_KEYWORDS if name in params)
 
 
-def _takes_rngs(module: Any) -> bool:
-    """Whether an NNX module's ``__call__`` takes ``rngs`` (Flax's MNIST CNN: ``__call__(self, x, rngs)``)."""
+def _takes_rngs(module: Any, has_streams: bool) -> bool:
+    """Whether to pass ``rngs`` to an NNX module's ``__call__`` (Flax's MNIST CNN: ``__call__(self, x, rngs)``).
+
+    Always when it is required; when optional (``nnx.Sequential``'s ``rngs=None``) only if the module has no
+    RNG streams of its own, which it would otherwise use, as it did before ``rngs`` was served.
+    """
     try:
-        return "rngs" in inspect.signature(module.__call__).parameters
+        param = inspect.signature(module.__call__).parameters.get("rngs")
     except (TypeError, ValueError):
         return False
+    return param is not None and (param.default is inspect.Parameter.empty or not has_streams)
 
 
 def step_keys(rng: Any, key: jax.Array, step: jax.Array) -> tuple[jax.Array, Any]:
@@ -149,7 +154,7 @@ class _Nnx:
         self.flags = _mode_flags(module)
         streams = (node for _, node in nnx.iter_graph(module) if isinstance(node, nnx.RngStream))
         self.rng_tags = sorted({stream.key.tag for stream in streams})
-        self.takes_rngs = _takes_rngs(module)
+        self.takes_rngs = _takes_rngs(module, bool(self.rng_tags))
 
     def init(self, key: jax.Array, inputs: tuple[Any, ...]) -> tuple[Any, Any]:
         del key, inputs  # an NNX module brings its parameters, made from its own nnx.Rngs
@@ -527,8 +532,8 @@ def _explain(inner: str, options: dict[str, Any]) -> tuple[str, str]:
     scheme += "# (none, and state.key left as it is, when the model draws no random numbers)\n"
     if isinstance(module, nnx.Module):
         flags = "".join(f", {name}={TRAIN_FLAGS[name]}" for name in names)
-        tags = _Nnx(module).rng_tags
-        takes_rngs = _takes_rngs(module)
+        adapter = _Nnx(module)
+        tags, takes_rngs = adapter.rng_tags, adapter.takes_rngs
         count = len(tags) + takes_rngs
         if count == 1:
             keys = ["dropout_key"]
