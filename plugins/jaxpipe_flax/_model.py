@@ -526,7 +526,10 @@ def _explain(inner: str, options: dict[str, Any]) -> tuple[str, str]:
         scheme = "# per-step keys, rng='fold_in': dropout_key = jax.random.fold_in(state.key, state.step)\n"
     elif callable(rng):
         name = getattr(rng, "__name__", "rng")
-        scheme = f"# per-step keys, rng={name}: key, dropout_key = {name}(state.key, state.step)\n"
+        scheme = (
+            f"# per-step keys, rng={name}: key, dropout_key = {name}(state.key, state.step)\n"
+            f"# (a dict of keys goes to the RNG streams it names, as Linen's rngs= or nnx.reseed)\n"
+        )
     else:
         scheme = "# per-step keys, rng='split': key, dropout_key = jax.random.split(state.key)\n"
     scheme += "# (none, and state.key left as it is, when the model draws no random numbers)\n"
