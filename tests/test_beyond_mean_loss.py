@@ -554,3 +554,18 @@ def test_optional_rngs_of_a_module_with_own_streams_keeps_its_streams(batch):
 
     _, metrics = trainer(state, batch)
     np.testing.assert_array_equal(metrics["loss"], hand_loss(nnx.to_pure_dict(params), state.key))
+
+
+def test_dpsgd_on_a_mean_gradient_it_would_silently_misread_is_caught():
+    def square_loss(params, batch):
+        return jnp.mean((batch["x"] @ params["w"] - batch["y"]) ** 2)
+
+    batch = {"x": np.ones((8, 3), np.float32), "y": np.zeros((8, 3), np.float32)}
+    params = {"w": jnp.ones((3, 3))}  # dpsgd alone would clip its rows as if they were 3 examples
+    trainer = Pipeline(square_loss).optimize(dpsgd()).jit()
+    state = trainer.init(jax.random.key(0), batch, params=params)
+    with pytest.raises(PipelineError, match=r"shape \(3,\) for a parameter of shape \(3, 3\)[\s\S]*per_example=True"):
+        trainer(state, batch)
+    fixed = Pipeline(square_loss).optimize(dpsgd(), per_example=True).jit()
+    state, _ = fixed(fixed.init(jax.random.key(0), batch, params=params), batch)
+    assert state.params["w"].shape == (3, 3)

@@ -93,9 +93,9 @@ def optimize(
         _check_per_example(state, batch)
         examples = jax.tree.map(lambda x: x[:, None], batch)  # each example a batch of one
         count = jax.tree.leaves(batch)[0].shape[0]
-        keys = None if key is None else jax.tree.map(lambda k: jax.random.split(k, count), key)
+        example_keys = None if key is None else jax.tree.map(lambda k: jax.random.split(k, count), key)
         per = jax.vmap(grad_fn, in_axes=(None, 0, None if key is None else 0, None, None))
-        (values, (metrics, _)), grads = per(state.params, examples, keys, state.model_state, state.step)
+        (values, (metrics, _)), grads = per(state.params, examples, example_keys, state.model_state, state.step)
         return (values.mean(), (jax.tree.map(jnp.mean, metrics), state.model_state)), grads
 
     def train_step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -171,19 +171,27 @@ def _update(tx: Any, grads: Any, state: TrainState, per_example: bool) -> tuple[
         ) from err
     want = [jnp.shape(p) for p in jax.tree.leaves(state.params)]
     got = [jnp.shape(u) for u in jax.tree.leaves(updates)]
+    if len(got) != len(want):
+        raise PipelineError(
+            f"`tx` returned {len(got)} update arrays for {len(want)} parameter arrays; updates must have the "
+            f"parameters' structure.",
+            stage_name="optimize",
+        )
     if got != want:
-        where = next((i for i, (g, w) in enumerate(zip(got, want, strict=False)) if g != w), 0)
-        shapes = f"updates of shape {got[where] if got else ()} for a parameter of shape {want[where]}"
+        where = next(i for i, (g, w) in enumerate(zip(got, want, strict=True)) if g != w)
+        shapes = f"updates of shape {got[where]} for a parameter of shape {want[where]}"
         if per_example:
             message = (
                 f"`tx` treats the per-example gradients as one mean gradient and returns {shapes} "
                 f"(the batch axis kept).\nDrop per_example=True for this transformation."
             )
-        else:
+        elif got[where] == want[where][1:]:
             message = (
                 f"`tx` returns {shapes}: it reduced axis 0 as a batch axis, so it expects per-example "
                 f"gradients.\nWrite .optimize(tx, per_example=True)."
             )
+        else:
+            message = f"`tx` returns {shapes}; updates must have the parameters' shapes."
         raise PipelineError(f"{message}\n{_PER_EXAMPLE_ADVICE}", stage_name="optimize")
     return updates, opt_state
 
