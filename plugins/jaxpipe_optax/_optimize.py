@@ -6,6 +6,12 @@ fresh dropout key split from the state's key. It works on a
 :class:`jaxpipe.TrainLoss` (what ``.model`` gives, with dropout keys and
 mutable collections) or on a plain loss ``(params, batch) -> loss`` or
 ``-> (loss, metrics)``.
+
+Two optional parts of a TrainLoss are used when present (``.model`` has
+both): ``step_keys(key, step, params, batch, model_state) -> (next key,
+model keys)`` replaces the split (its own key scheme, and no key for a model
+that draws no random numbers), and a ``step`` parameter of ``train`` gets
+``state.step``.
 """
 
 from __future__ import annotations
