@@ -569,3 +569,12 @@ def test_dpsgd_on_a_mean_gradient_it_would_silently_misread_is_caught():
     fixed = Pipeline(square_loss).optimize(dpsgd(), per_example=True).jit()
     state, _ = fixed(fixed.init(jax.random.key(0), batch, params=params), batch)
     assert state.params["w"].shape == (3, 3)
+
+
+def test_an_rng_function_of_the_wrong_shape_fails_when_added():
+    with pytest.raises(PipelineError, match=r"`rng=only_keys` must return \(next_key, keys\)[\s\S]*def only_keys"):
+
+        def only_keys(key, step):
+            return {"dropout": key}
+
+        Pipeline(loss).model(DropoutMLP(), input="image", rng=only_keys)

@@ -439,6 +439,28 @@ def _check_call(module: Any, input: Any) -> None:
         ) from None
 
 
+def _check_rng_function(rng: Callable[..., Any]) -> None:
+    """An ``rng=`` function maps ``(key, step)`` to ``(next key, one key or a dict of keys)``; traced, not run."""
+    name = getattr(rng, "__name__", "rng")
+    example = (
+        f"\nFor example:\n  def {name}(key, step):\n      key, dropout, noise = jax.random.split(key, 3)\n"
+        f"      return key, {{'dropout': dropout, 'noise': noise}}"
+    )
+    key = jax.random.key(0)
+    try:
+        result = jax.eval_shape(rng, key, jnp.zeros((), jnp.int32))
+    except Exception as err:
+        raise ValueError(f"`rng={name}` failed on (key, step): {type(err).__name__}: {err}{example}") from None
+    ok = isinstance(result, tuple) and len(result) == 2 and _is_key(result[0]) and result[0].shape == ()
+    keys = result[1] if ok else None
+    leaves = jax.tree.leaves(keys)
+    if not ok or not leaves or not all(_is_key(k) and k.shape == () for k in leaves):
+        raise ValueError(
+            f"`rng={name}` must return (next_key, keys): the state's next key and one key or a dict of "
+            f"named keys, all typed keys (jax.random.key); it returned {result!r}.{example}"
+        )
+
+
 def _check(ctx: StageContext, options: dict[str, Any]) -> None:
     from flax import linen, nnx
 
@@ -471,6 +493,8 @@ def _check(ctx: StageContext, options: dict[str, Any]) -> None:
             f"`rng` is how each step gets the model's keys: 'split' (the default), 'fold_in', or a function "
             f"(key, step) -> (next_key, keys); got {rng!r}.\nFor example .model(net, input='image', rng='fold_in')."
         )
+    if callable(rng):
+        _check_rng_function(rng)
     _check_call(module, value)
     if ctx.signature is not None:
         wanted = _loss_keywords(ctx.fn)
