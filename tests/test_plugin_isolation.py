@@ -208,7 +208,8 @@ def test_the_users_own_hooks_and_stage_hooks_are_not_isolated(install: Any) -> N
 
     @jaxpipe.hookimpl
     def jaxpipe_register_stages():
-        return [jaxpipe.StageKind('saving', saving, keeps_signature=True, training=jaxpipe.Training(run_hooks=lambda options: Saver()))]
+        saver = jaxpipe.Training(run_hooks=lambda options: Saver())
+        return [jaxpipe.StageKind('saving', saving, keeps_signature=True, training=saver)]
     """
     install("saver", failing_save)
     reset()  # load it

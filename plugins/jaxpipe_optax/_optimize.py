@@ -6,10 +6,17 @@ fresh dropout key split from the state's key. It works on a
 :class:`jaxpipe.TrainLoss` (what ``.model`` gives, with dropout keys and
 mutable collections) or on a plain loss ``(params, batch) -> loss`` or
 ``-> (loss, metrics)``.
+
+Two optional parts of a TrainLoss are used when present (``.model`` has
+both): ``step_keys(key, step, params, batch, model_state) -> (next key,
+model keys)`` replaces the split (its own key scheme, and no key for a model
+that draws no random numbers), and a ``step`` parameter of ``train`` gets
+``state.step``.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -49,7 +56,9 @@ def _check_state(state: Any) -> None:
         )
 
 
-def optimize(loss: Callable[..., Any], tx: Any, *, learning_rate: Any = None) -> Callable[..., Any]:
+def optimize(
+    loss: Callable[..., Any], tx: Any, *, learning_rate: Any = None, per_example: bool = False
+) -> Callable[..., Any]:
     """Makes the training step ``(state, batch) -> (state, metrics)`` with an Optax transformation.
 
     ``tx`` is any ``optax.GradientTransformation`` (``optax.chain``,
@@ -57,27 +66,57 @@ def optimize(loss: Callable[..., Any], tx: Any, *, learning_rate: Any = None) ->
     ``grad_norm`` (before clipping), ``learning_rate`` where the chain exposes
     it (``optax.inject_hyperparams``) or as ``learning_rate(state.step)`` for a
     schedule given here, and the loss's own metrics.
+
+    ``per_example=True`` gives ``tx`` per-example gradients, each leaf with a
+    leading batch axis, for transformations that clip or noise each example
+    (``optax.contrib.dpsgd``): as Optax's DP-SGD example does, each example is
+    run as a batch of one, ``jax.vmap(jax.grad(loss), in_axes=(None, 0))`` over
+    ``batch`` with an axis inserted at 1. Each example gets its own dropout
+    key; the loss and metrics are the means over examples; ``grad_norm`` is
+    the norm of the mean gradient.
     """
     import optax
 
     name = getattr(loss, "__name__", type(loss).__name__)
     train = loss.train if isinstance(loss, TrainLoss) else None  # a model: dropout keys, mutable collections
+    keys = getattr(loss, "step_keys", None)  # the model's own key scheme (`.model(..., rng=...)`), if any
+    wants_step = train is not None and "step" in inspect.signature(train).parameters
 
-    def objective(params: Any, batch: Any, key: Any, model_state: Any) -> Any:
+    def objective(params: Any, batch: Any, key: Any, model_state: Any, step: Any) -> Any:
         if train is not None:
-            return train(params, batch, key, model_state)
+            return (
+                train(params, batch, key, model_state, step=step)
+                if wants_step
+                else train(params, batch, key, model_state)
+            )
         value, metrics = loss_and_metrics(loss(params, batch), name, "optimize")
         return value, (metrics, model_state)
 
+    def gradients(state: TrainState, batch: Any, key: Any) -> Any:
+        grad_fn = jax.value_and_grad(objective, has_aux=True)
+        if not per_example:
+            return grad_fn(state.params, batch, key, state.model_state, state.step)
+        _check_per_example(state, batch)
+        examples = jax.tree.map(lambda x: x[:, None], batch)  # each example a batch of one
+        count = jax.tree.leaves(batch)[0].shape[0]
+        example_keys = None if key is None else jax.tree.map(lambda k: jax.random.split(k, count), key)
+        per = jax.vmap(grad_fn, in_axes=(None, 0, None if key is None else 0, None, None))
+        (values, (metrics, _)), grads = per(state.params, examples, example_keys, state.model_state, state.step)
+        return (values.mean(), (jax.tree.map(jnp.mean, metrics), state.model_state)), grads
+
     def train_step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, jax.Array]]:
         _check_state(state)
-        key, dropout_key = jax.random.split(state.key) if train is not None else (state.key, None)
-        (value, (metrics, model_state)), grads = jax.value_and_grad(objective, has_aux=True)(
-            state.params, batch, dropout_key, state.model_state
-        )
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        if train is None:
+            key, dropout_key = state.key, None
+        elif keys is not None:
+            key, dropout_key = keys(state.key, state.step, state.params, batch, state.model_state)
+        else:
+            key, dropout_key = jax.random.split(state.key)
+        (value, (metrics, model_state)), grads = gradients(state, batch, dropout_key)
+        updates, opt_state = _update(tx, grads, state, per_example)
         params = optax.apply_updates(state.params, updates)
-        metrics = {**metrics, "loss": value, "grad_norm": optax.tree.norm(grads)}
+        mean_grads = jax.tree.map(lambda g: g.mean(0), grads) if per_example else grads
+        metrics = {**metrics, "loss": value, "grad_norm": optax.tree.norm(mean_grads)}
         if learning_rate is not None:
             metrics["learning_rate"] = learning_rate(state.step) if callable(learning_rate) else learning_rate
         else:
@@ -92,6 +131,77 @@ def optimize(loss: Callable[..., Any], tx: Any, *, learning_rate: Any = None) ->
     return train_step
 
 
+def _check_per_example(state: TrainState, batch: Any) -> None:
+    if state.model_state:
+        raise PipelineError(
+            f"`per_example=True` runs each example alone, so the model's collections "
+            f"{sorted(state.model_state)} (BatchNorm statistics) would be computed from one example.\n"
+            f"Use a normalisation without batch statistics (nnx.LayerNorm, nnx.GroupNorm), as DP-SGD requires.",
+            stage_name="optimize",
+        )
+    sizes = {jnp.shape(x)[0] if jnp.ndim(x) else None for x in jax.tree.leaves(batch)}
+    if len(sizes) != 1 or None in sizes:
+        raise PipelineError(
+            f"`per_example=True` splits every array of the batch along axis 0, but their leading sizes are "
+            f"{sorted(sizes, key=str)}.\nGive batches whose arrays all have the examples on axis 0.",
+            stage_name="optimize",
+        )
+
+
+_PER_EXAMPLE_ADVICE = (
+    "`.optimize(tx, per_example=True)` gives per-example gradients (a leading batch axis on every leaf) "
+    "for transformations that need them, such as optax.contrib.dpsgd; leave it off for a transformation "
+    "of the mean gradient (optax.adam, optax.sgd, optax.clip_by_global_norm, ...)."
+)
+
+
+def _update(tx: Any, grads: Any, state: TrainState, per_example: bool) -> tuple[Any, Any]:
+    """``tx.update``, with a ``PipelineError`` when ``tx`` and ``per_example`` disagree about the batch axis."""
+    try:
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    except ValueError as err:
+        if per_example or "batch dimension" not in str(err):
+            raise
+        raise PipelineError(
+            f"`tx` expects per-example gradients but got the mean gradient: {err}\n"
+            f"Write .optimize(tx, per_example=True).\n{_PER_EXAMPLE_ADVICE}",
+            stage_name="optimize",
+        ) from err
+    except Exception as err:
+        if not per_example:
+            raise
+        raise PipelineError(
+            f"`tx.update` failed on per-example gradients: {type(err).__name__}: {err}\n"
+            f"Is `tx` a transformation of the mean gradient? Then drop per_example=True.\n{_PER_EXAMPLE_ADVICE}",
+            stage_name="optimize",
+        ) from err
+    want = [jnp.shape(p) for p in jax.tree.leaves(state.params)]
+    got = [jnp.shape(u) for u in jax.tree.leaves(updates)]
+    if len(got) != len(want):
+        raise PipelineError(
+            f"`tx` returned {len(got)} update arrays for {len(want)} parameter arrays; updates must have the "
+            f"parameters' structure.",
+            stage_name="optimize",
+        )
+    if got != want:
+        where = next(i for i, (g, w) in enumerate(zip(got, want, strict=True)) if g != w)
+        shapes = f"updates of shape {got[where]} for a parameter of shape {want[where]}"
+        if per_example:
+            message = (
+                f"`tx` treats the per-example gradients as one mean gradient and returns {shapes} "
+                f"(the batch axis kept).\nDrop per_example=True for this transformation."
+            )
+        elif got[where] == want[where][1:]:
+            message = (
+                f"`tx` returns {shapes}: it reduced axis 0 as a batch axis, so it expects per-example "
+                f"gradients.\nWrite .optimize(tx, per_example=True)."
+            )
+        else:
+            message = f"`tx` returns {shapes}; updates must have the parameters' shapes."
+        raise PipelineError(f"{message}\n{_PER_EXAMPLE_ADVICE}", stage_name="optimize")
+    return updates, opt_state
+
+
 def _check(ctx: StageContext, options: dict[str, Any]) -> None:
     del ctx  # any loss will do: a TrainLoss, or a plain loss on (params, batch)
     tx = options["tx"]
@@ -100,6 +210,8 @@ def _check(ctx: StageContext, options: dict[str, Any]) -> None:
             f"`.optimize()` needs an Optax transformation (with `init` and `update`), got "
             f"{type(tx).__name__} {tx!r}.\nFor example .optimize(optax.adam(1e-3))."
         )
+    if not isinstance(options.get("per_example", False), bool):
+        raise TypeError(f"`per_example` must be True or False, got {options['per_example']!r}.")
     lr = options.get("learning_rate")
     if lr is not None and not callable(lr) and not isinstance(lr, (int, float)):
         raise TypeError(
@@ -144,6 +256,23 @@ def _explain(ctx: StageContext, inner: str, options: dict[str, Any]) -> tuple[st
     else:
         grads = f"    value, grads = jax.value_and_grad({inner})(state.params, batch)\n"
         replace = "params=params, opt_state=opt_state"
+    if options.get("per_example"):
+        if with_model:
+            args = "state.params, examples, jax.random.split(dropout_key, n), state.model_state"
+            axes = "(None, 0, 0, None)"
+            aux = "(values, (metrics, model_state))"
+        else:
+            args, axes, aux = "state.params, examples", "(None, 0)", "values"
+        grads = (
+            ("    key, dropout_key = jax.random.split(state.key)\n" if with_model else "")
+            + "    examples = jax.tree.map(lambda x: x[:, None], batch)  # each example a batch of one\n"
+            + ("    n = len(batch[next(iter(batch))])\n" if with_model else "")
+            + f"    {aux}, grads = jax.vmap(jax.value_and_grad({inner}{', has_aux=True' if with_model else ''}), "
+            f"in_axes={axes})(\n        {args})  # per-example gradients\n"
+            + "    value = values.mean()\n"
+            + ("    metrics, model_state = jax.tree.map(jnp.mean, metrics), state.model_state\n" if with_model else "")
+        )
+    norm = "jax.tree.map(lambda g: g.mean(0), grads)" if options.get("per_example") else "grads"
     lr = options.get("learning_rate")
     if lr is not None:
         value = f"{getattr(lr, '__name__', 'schedule')}(state.step)" if callable(lr) else repr(lr)
@@ -158,7 +287,7 @@ def _explain(ctx: StageContext, inner: str, options: dict[str, Any]) -> tuple[st
         f"{grads}"
         "    updates, opt_state = tx.update(grads, state.opt_state, state.params)\n"
         "    params = optax.apply_updates(state.params, updates)\n"
-        f'    metrics = {{{"**metrics, " if with_model else ""}"loss": value, "grad_norm": optax.tree.norm(grads)}}\n'
+        f'    metrics = {{{"**metrics, " if with_model else ""}"loss": value, "grad_norm": optax.tree.norm({norm})}}\n'
         f"{lr_line}"
         f"    return state.replace(step=state.step + 1, {replace}), metrics"
     )
