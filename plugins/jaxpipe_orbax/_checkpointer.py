@@ -172,6 +172,9 @@ class Checkpointer:
             )
             for name in found.unfinished:
                 _directory.remove(os.path.join(self.directory, name))
+        if self._lock is not None:
+            for name in found.leftovers:  # old steps whose deletion a stopped writer did not finish
+                _directory.remove(os.path.join(self.directory, name))
         damaged = {**found.reasons, **self._damaged}
         for step in sorted(damaged):
             if step in found.steps:
@@ -198,7 +201,7 @@ class Checkpointer:
         own = sorted(step for step, meta in found.steps.items() if meta and meta.get("layout") == self._layout)
         for step in own[: -self.keep]:
             try:
-                _directory.remove(os.path.join(self.directory, str(step)))
+                _directory.remove_step(self.directory, step)
             except OSError as err:  # e.g. replaced by a link meanwhile: left alone
                 warnings.warn(f"could not remove old checkpoint step {step}: {err}", CheckpointWarning, stacklevel=2)
 

@@ -35,6 +35,7 @@ from typing import IO, Any
 
 MARKER = "jaxpipe-checkpoints.json"
 UNFINISHED = ".orbax-checkpoint-tmp"  # Orbax's suffix for a step still being written
+DELETING = ".deleting"  # a step retention is removing: renamed first, so readers see it go at once
 _SET_ASIDE = re.compile(r"\d+\.damaged(-\d+)?|earlier-run-\d+")  # jaxpipe's own, never deleted
 _STEP_ITEMS = ("state", "meta")  # the Orbax items every jaxpipe step has
 _SHOWN = 12
@@ -50,6 +51,7 @@ class Survey:
         metadata is unreadable or fails its checksum (a damaged step).
       reasons: step -> why its metadata is damaged.
       unfinished: names of unfinished saves.
+      leftovers: names of steps whose deletion was cut short.
       foreign: one line per entry jaxpipe did not write.
     """
 
@@ -57,6 +59,7 @@ class Survey:
     steps: dict[int, dict[str, Any] | None] = dataclasses.field(default_factory=dict)
     reasons: dict[int, str] = dataclasses.field(default_factory=dict)
     unfinished: list[str] = dataclasses.field(default_factory=list)
+    leftovers: list[str] = dataclasses.field(default_factory=list)
     foreign: list[str] = dataclasses.field(default_factory=list)
 
 
@@ -91,6 +94,8 @@ def survey(directory: str) -> Survey | None:
                     found.reasons[int(name)] = reason
         elif name.split(".")[0].isdigit() and UNFINISHED in name:
             found.unfinished.append(name)
+        elif name.split(".")[0].isdigit() and name.endswith(DELETING):
+            found.leftovers.append(name)
         elif not _SET_ASIDE.fullmatch(name):
             found.foreign.append(f"{name}/ (a folder jaxpipe did not write)")
     if not found.marked and entries:  # not created by jaxpipe: everything in it is someone else's
@@ -142,9 +147,7 @@ def refusal(directory: str, found: Survey) -> str:
         if not os.path.lexists(os.path.join(directory, name))
     )
     why = (
-        "was not created by jaxpipe and is not empty"
-        if not found.marked
-        else "holds things that jaxpipe did not write"
+        "was not created by jaxpipe and is not empty" if not found.marked else "holds things that jaxpipe did not write"
     )
     return (
         f"the checkpoint directory {directory} {why}:\n"
@@ -198,12 +201,21 @@ def remove(path: str) -> None:
     shutil.rmtree(path)
 
 
+def remove_step(directory: str, step: int) -> None:
+    """Deletes step folder ``step``: renamed first, so a reader sees the whole step go at once."""
+    path = os.path.join(directory, str(step))
+    if os.path.islink(path) or not os.path.isdir(path):
+        return
+    doomed = path + DELETING
+    remove(doomed)  # left by a deletion cut short
+    os.rename(path, doomed)
+    remove(doomed)
+
+
 def set_aside(directory: str, step: int) -> str:
     """Renames step folder ``step`` to ``<step>.damaged`` (or ``-1``, ``-2``...); returns the new path."""
     path = os.path.join(directory, str(step))
-    aside = next(
-        name for i in range(10**6) if not os.path.lexists(name := f"{path}.damaged{f'-{i}' if i else ''}")
-    )
+    aside = next(name for i in range(10**6) if not os.path.lexists(name := f"{path}.damaged{f'-{i}' if i else ''}"))
     os.rename(path, aside)
     return aside
 
@@ -211,9 +223,7 @@ def set_aside(directory: str, step: int) -> str:
 def move_earlier_run(directory: str, steps: list[int]) -> str:
     """Moves the step folders ``steps`` into a new ``earlier-run-<n>`` folder; returns its path."""
     folder = next(
-        path
-        for i in range(1, 10**6)
-        if not os.path.lexists(path := os.path.join(directory, f"earlier-run-{i}"))
+        path for i in range(1, 10**6) if not os.path.lexists(path := os.path.join(directory, f"earlier-run-{i}"))
     )
     os.mkdir(folder)
     for step in steps:
