@@ -12,12 +12,12 @@ import itertools
 import json
 import os
 import pickle
-from pathlib import Path
 import shutil
 import signal
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -559,7 +559,7 @@ def test_the_marker_is_written_when_jaxpipe_creates_the_directory(pipe, data):
     assert pipe.save(fresh) and sorted(os.listdir(directory)) == ["0", "jaxpipe-checkpoints.json"]
 
 
-# --- non-finite states, damaged metadata, paths ------------------------------------------------------------------------
+# --- non-finite states, damaged metadata, paths ---------------------------------------------------------------------
 
 
 def test_a_state_with_nan_is_never_saved(pipe, data):
@@ -608,7 +608,7 @@ def test_a_relative_directory_is_resolved_when_the_stage_is_added(tmp_path, monk
     assert os.listdir(tmp_path / "b") == [] and steps_on_disk(tmp_path / "a" / "runs" / "x") == [0]
 
 
-# --- saving and restoring by hand, data state, starting over -----------------------------------------------------------
+# --- saving and restoring by hand, data state, starting over --------------------------------------------------------
 
 
 def test_a_hand_written_loop_saves_and_restores_through_the_stage(pipe, data, capsys):
