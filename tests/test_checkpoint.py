@@ -500,7 +500,8 @@ def test_a_directory_holding_anything_else_is_refused_and_nothing_changes(
         assert f"the checkpoint directory {directory} {why}" in message
         for line in listed:
             assert f"\n  {line}" in message
-        assert f"e.g. .checkpoint({str(directory / 'checkpoints')!r})" in message
+        instead = f"{directory}-2" if jaxpipes_already else str(directory / "checkpoints")
+        assert f"a folder of their own, e.g. .checkpoint({instead!r})" in message
         assert snapshot(directory.parent) == before  # nothing changed, inside or outside
 
 

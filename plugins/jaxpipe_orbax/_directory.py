@@ -19,7 +19,8 @@ Who changes what:
   there, so whoever left those saves has stopped. Without the lock it leaves
   them alone (Orbax replaces a step's unfinished save when it saves that step).
 - Retention deletes only complete step folders of the run's own training state
-  (same leaves, shapes and dtypes), never a link and never through one.
+  (same leaves, shapes and dtypes), never a link and never through one. It
+  renames a step to ``<step>.deleting`` first, so a reader sees it go at once.
 """
 
 from __future__ import annotations
@@ -139,23 +140,26 @@ def _read_meta(path: str) -> tuple[dict[str, Any] | None, str]:
 
 
 def refusal(directory: str, found: Survey) -> str:
-    """The message refusing ``directory``, listing what is there and offering a folder of its own."""
+    """The message refusing ``directory``: what is there, and a directory to use instead."""
     lines = found.foreign if len(found.foreign) <= _SHOWN else [*found.foreign[:_SHOWN], "..."]
-    free = next(
-        os.path.join(directory, name)
-        for name in ("checkpoints", *(f"checkpoints-{i}" for i in range(2, 10**6)))
-        if not os.path.lexists(os.path.join(directory, name))
-    )
-    why = (
-        "was not created by jaxpipe and is not empty" if not found.marked else "holds things that jaxpipe did not write"
-    )
+    if found.marked:  # jaxpipe's directory, with someone else's things put into it
+        why, fix = "holds things that jaxpipe did not write", "Move them out of it, or give the checkpoints "
+        instead = _free([f"{directory}-{i}" for i in range(2, 10**6)])
+    else:  # someone else's directory: a sub-folder of it is jaxpipe's to keep
+        why, fix = "was not created by jaxpipe and is not empty", "Give the checkpoints "
+        instead = _free(
+            [os.path.join(directory, "checkpoints")] + [f"{directory}/checkpoints-{i}" for i in range(2, 99)]
+        )
     return (
         f"the checkpoint directory {directory} {why}:\n"
         + "\n".join(f"  {line}" for line in lines)
         + "\njaxpipe keeps its checkpoint directory to itself (its retention deletes old steps there), so it "
-        f"uses only an empty directory or one it created.\nGive the checkpoints a folder of their own, "
-        f"e.g. .checkpoint({free!r})."
+        f"uses only an empty directory or one it created.\n{fix}a folder of their own, e.g. .checkpoint({instead!r})."
     )
+
+
+def _free(paths: list[str]) -> str:
+    return next((path for path in paths if not os.path.lexists(path)), paths[-1])
 
 
 def create(directory: str) -> None:
