@@ -78,30 +78,38 @@ def survey(directory: str) -> Survey | None:
         return None
     found = Survey(marked=any(e.name == MARKER and e.is_file(follow_symlinks=False) for e in entries))
     for entry in entries:
-        name = entry.name
-        if entry.is_symlink():
-            found.foreign.append(f"{name} -> {os.readlink(entry.path)} (a symbolic link)")
-        elif not entry.is_dir(follow_symlinks=False):
-            if name != MARKER:
-                found.foreign.append(f"{name} (a file)")
-        elif name.isdigit():
-            why_not = _not_a_step(entry.path)
-            if why_not:
-                found.foreign.append(f"{name}/ ({why_not})")
-            else:
-                meta, reason = _read_meta(entry.path)
-                found.steps[int(name)] = meta
-                if meta is None:
-                    found.reasons[int(name)] = reason
-        elif name.split(".")[0].isdigit() and UNFINISHED in name:
-            found.unfinished.append(name)
-        elif name.split(".")[0].isdigit() and name.endswith(DELETING):
-            found.leftovers.append(name)
-        elif not _SET_ASIDE.fullmatch(name):
-            found.foreign.append(f"{name}/ (a folder jaxpipe did not write)")
+        try:
+            _sort(found, entry)
+        except FileNotFoundError:  # renamed or removed meanwhile by a writer (a save completing, retention)
+            continue
     if not found.marked and entries:  # not created by jaxpipe: everything in it is someone else's
         found.foreign = _unmarked(entries)
     return found
+
+
+def _sort(found: Survey, entry: os.DirEntry[str]) -> None:
+    """Puts one entry of the directory where it belongs in ``found``."""
+    name = entry.name
+    if entry.is_symlink():
+        found.foreign.append(f"{name} -> {os.readlink(entry.path)} (a symbolic link)")
+    elif not entry.is_dir(follow_symlinks=False):
+        if name != MARKER:
+            found.foreign.append(f"{name} (a file)")
+    elif name.isdigit():
+        why_not = _not_a_step(entry.path)
+        if why_not:
+            found.foreign.append(f"{name}/ ({why_not})")
+        else:
+            meta, reason = _read_meta(entry.path)
+            found.steps[int(name)] = meta
+            if meta is None:
+                found.reasons[int(name)] = reason
+    elif name.split(".")[0].isdigit() and UNFINISHED in name:
+        found.unfinished.append(name)
+    elif name.split(".")[0].isdigit() and name.endswith(DELETING):
+        found.leftovers.append(name)
+    elif not _SET_ASIDE.fullmatch(name):
+        found.foreign.append(f"{name}/ (a folder jaxpipe did not write)")
 
 
 def _unmarked(entries: list[os.DirEntry[str]]) -> list[str]:
@@ -120,6 +128,8 @@ def _unmarked(entries: list[os.DirEntry[str]]) -> list[str]:
 def _not_a_step(path: str) -> str:
     """Why the folder ``path`` is not a step jaxpipe wrote, or '' if it is one."""
     if not os.path.isfile(os.path.join(path, "_CHECKPOINT_METADATA")):
+        if not os.path.isdir(path):
+            raise FileNotFoundError(path)  # it went meanwhile
         return "a folder without Orbax checkpoint metadata"
     items = sorted(name for name in os.listdir(path) if os.path.isdir(os.path.join(path, name)))
     if any(os.path.islink(os.path.join(path, item)) for item in items) or not set(_STEP_ITEMS) <= set(items):
@@ -133,6 +143,8 @@ def _read_meta(path: str) -> tuple[dict[str, Any] | None, str]:
         with open(os.path.join(path, "meta", "metadata"), encoding="utf-8") as file:
             meta = json.load(file)
     except (OSError, ValueError) as err:
+        if not os.path.isdir(path):
+            raise FileNotFoundError(path) from err  # the whole step went meanwhile: not damage
         return None, f"its metadata is unreadable: {type(err).__name__}: {err}"
     if not isinstance(meta, dict) or meta.get("checksum") != checksum(meta):
         return None, "its metadata does not match its checksum"
