@@ -5,7 +5,8 @@ Usage: python reader_writer.py train CHECKPOINT_DIR OUT.npz
 
 The trainer trains kill_resume_train's run with a save every step and writes
 the final state's leaves to OUT.npz. The reader (an evaluation job) calls
-``init`` on the same directory again and again until OUT.npz exists, and prints
+``init`` on the same directory again and again until OUT.npz (or OUT.npz.stop,
+which the test writes when the trainer ended) exists, and prints
 one JSON line: how many restores it did, and how many began while a save was
 being written.
 """
@@ -33,7 +34,7 @@ def main(mode: str, directory: str, out: str) -> None:
         os.replace(out + ".part", out)
         return
     reads = while_saving = 0
-    while not os.path.exists(out):
+    while not (os.path.exists(out) or os.path.exists(out + ".stop")):  # trained, or the trainer failed
         saving = os.path.isdir(directory) and any(".orbax-checkpoint-tmp" in n for n in os.listdir(directory))
         pipe.init(jax.random.key(1), sample)
         reads += 1

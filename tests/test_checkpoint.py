@@ -693,8 +693,11 @@ def test_a_reader_while_training_runs_deletes_nothing_and_the_trainer_finishes(t
         stderr=subprocess.PIPE,
         text=True,
     )
-    trained, train_errors = trainer_process.communicate(timeout=600)
-    read, read_errors = reader.communicate(timeout=120)
+    try:
+        _, train_errors = trainer_process.communicate(timeout=600)
+    finally:
+        Path(f"{out}.stop").touch()  # the reader stops either way
+        read, read_errors = reader.communicate(timeout=120)
     assert trainer_process.returncode == 0, train_errors[-3000:]
     assert reader.returncode == 0, read_errors[-3000:]
     report = json.loads(read.strip().splitlines()[-1])

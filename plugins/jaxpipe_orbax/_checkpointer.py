@@ -30,7 +30,7 @@ from jaxpipe_orbax import _directory
 from jaxpipe_orbax._layout import differences, layout
 
 _barriers = itertools.count()  # Orbax's process barriers need names never used before in this process
-_RETRIES = 3  # restores retried when a writer's retention removed the step being read
+_RETRIES = 10  # restores retried when a writer's retention removed the step being read
 
 
 class CheckpointWarning(UserWarning):
@@ -149,7 +149,6 @@ class Checkpointer:
         """Before this run's first save: the marker, the writer lock, and tidying what earlier runs left."""
         from orbax.checkpoint import multihost
 
-        self._drop_manager()  # a reader's manager (fit's resume) lists the steps before the tidying below
         found = self._survey(pipeline, state, check_layout=not self._start_over)
         self._layout = layout(state)
         if multihost.is_primary_host(0):
@@ -208,12 +207,13 @@ class Checkpointer:
     # --- saving -------------------------------------------------------------------
 
     def _open(self) -> Any:
+        """The manager that saves (after :meth:`_claim`)."""
         if self._manager is None:
             import orbax.checkpoint as ocp
 
             # Orbax's own retention and clean-up stay off (keep all, no tmp clean-up): jaxpipe decides
             # what may be deleted. create=False: jaxpipe creates the directory with its marker.
-            options = ocp.CheckpointManagerOptions(create=False, enable_async_checkpointing=self._claimed)
+            options = ocp.CheckpointManagerOptions(create=False, enable_async_checkpointing=True)
             self._manager = ocp.CheckpointManager(self.directory, options=options)
         return self._manager
 
@@ -302,7 +302,6 @@ class Checkpointer:
             found = self._survey(pipeline, state)
             if found is None:
                 return None
-            self._drop_manager()  # a fresh listing of the steps
             for step in sorted(found.steps, reverse=True):
                 path = os.path.join(self.directory, str(step))
                 meta = found.steps[step]
@@ -317,7 +316,7 @@ class Checkpointer:
                 if run is not None and os.path.isdir(os.path.join(path, "data")):
                     items["data"] = ocp.args.JsonRestore()
                 try:
-                    restored = self._open().restore(step, args=ocp.args.Composite(**items))
+                    restored = self._read(step, items)
                 except Exception as err:
                     if not os.path.isdir(path):  # a writer's retention removed it while it was read: look again
                         break
@@ -329,14 +328,28 @@ class Checkpointer:
                 return restored["state"]
             else:
                 return None
-        return None
+        raise self._error(
+            pipeline,
+            f"the checkpoints in {self.directory} were deleted {_RETRIES} times while being read: a run saving "
+            f"there removes old steps faster than this process reads them.\nGive that run a larger `keep`, "
+            f"e.g. .checkpoint(..., keep=5), or read a copy of the directory.",
+        )
+
+    def _read(self, step: int, items: dict[str, Any]) -> Any:
+        """Orbax's restore of one step folder; reads nothing else (a manager would list every step)."""
+        import orbax.checkpoint as ocp
+
+        reader = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+        try:
+            return reader.restore(os.path.join(self.directory, str(step)), args=ocp.args.Composite(**items))
+        finally:
+            reader.close()
 
     def _resume_data(self, step: int, run: Any) -> None:
         import orbax.checkpoint as ocp
 
         if os.path.isdir(os.path.join(self.directory, str(step), "data")):
-            data = self._open().restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"]
-            run.resumed_data_state = data["state"]
+            run.resumed_data_state = self._read(step, {"data": ocp.args.JsonRestore()})["data"]["state"]
 
     def _error(self, pipeline: Any, message: str) -> PipelineError:
         number = next((i for i, s in enumerate(pipeline.stages, 1) if s.name == "checkpoint"), None)
