@@ -138,7 +138,7 @@ def test_stage_leaves_the_step_unchanged(pipe, data):
     assert built.lower(state, sample(data)).as_text() == plain.build().lower(state, sample(data)).as_text()
     explained = pipe.explain()
     assert explained.endswith("\n\n" + plain.explain().split("\n\n")[-1])  # the same JAX expression
-    assert "LatestN(2)" in explained and "every 4 steps" in explained
+    assert "keeps its newest 2 steps" in explained and "every 4 steps" in explained
     assert not os.path.exists(directory_of(pipe))  # adding the stage or init with nothing to restore writes nothing
 
 

@@ -71,11 +71,12 @@ def _check(ctx: StageContext, options: dict[str, Any]) -> None:
 
 def _explain(inner: str, options: dict[str, Any]) -> tuple[str, str]:
     directory, every, keep = os.fspath(options["directory"]), options.get("every", 100), options.get("keep", 3)
+    kept = "all its steps" if keep is None else f"its newest {keep} steps"
     code = (
         "# .checkpoint(): the step is unchanged; while fit runs, Orbax saves the state:\n"
-        f"# manager = ocp.CheckpointManager({directory!r}, options=ocp.CheckpointManagerOptions(\n"
-        f"#     preservation_policy=ocp.checkpoint_managers.LatestN({keep!r})))\n"
-        f"# every {every} steps: manager.save(step, args=ocp.args.StandardSave(state))"
+        f"# manager = ocp.CheckpointManager({directory!r})\n"
+        f"# every {every} steps: manager.save(step, args=ocp.args.StandardSave(state))\n"
+        f"# and jaxpipe keeps {kept} (it deletes nothing else, and never through a link)"
     )
     return code, inner
 
