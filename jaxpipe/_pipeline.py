@@ -435,25 +435,31 @@ class Pipeline:
         The state is written when this returns. Returns False if nothing was
         written: its step is saved already, or it holds NaN or inf (a warning).
         """
-        return bool(self._saving_hook("save", state))
-
-    def restore(self, state: Any) -> Any:
-        """The newest checkpoint of this pipeline's ``.checkpoint()`` stage, shaped like ``state``; else ``state``."""
-        return self._saving_hook("restore", state)
-
-    def _saving_hook(self, action: str, state: Any) -> Any:
         from jaxpipe import _train
 
         with _train.run_hooks(self) as hook:
-            call = hook.jaxpipe_save_state if action == "save" else hook.jaxpipe_restore_state
-            result = call(pipeline=self, state=state)
-        if result is None:
-            raise PipelineError(
-                f"`{action}` needs a stage that saves the training state, and this pipeline has none.\n"
-                f"Add one, e.g. trainer = trainer.checkpoint('runs/exp'), then trainer.{action}(state).",
-                pipeline=repr(self),
-            )
-        return result
+            written = hook.jaxpipe_save_state(pipeline=self, state=state)
+        if written is None:
+            raise _needs_saver(self, "save")
+        return bool(written)
+
+    def restore(self, state: Any) -> Any:
+        """The newest checkpoint of this pipeline's ``.checkpoint()`` stage, shaped like ``state``; else ``state``."""
+        from jaxpipe import _train
+
+        with _train.run_hooks(self) as hook:
+            restored = hook.jaxpipe_restore_state(pipeline=self, state=state)
+        if restored is None:
+            raise _needs_saver(self, "restore")
+        return restored
+
+
+def _needs_saver(pipe: Pipeline, action: str) -> PipelineError:
+    return PipelineError(
+        f"`{action}` needs a stage that saves the training state, and this pipeline has none.\n"
+        f"Add one, e.g. trainer = trainer.checkpoint('runs/exp'), then trainer.{action}(state).",
+        pipeline=repr(pipe),
+    )
 
 
 @functools.lru_cache(maxsize=256)
