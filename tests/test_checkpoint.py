@@ -356,6 +356,10 @@ def test_unfinished_save_left_by_a_killed_process_is_removed_only_by_the_next_wr
         restored = pipe.init(jax.random.key(0), sample(data))
     assert_same_bits(restored, by_hand(pipe.build(), fresh, data, 4))
     assert sorted(os.listdir(directory)) == listing  # readers never delete
+    half = {k: v[: SIZE // 2] for k, v in data.items()}  # 4 steps per epoch: step 4 ends the run
+    with warnings.catch_warnings(record=True):  # "another batch_size": not what this checks
+        done = pipe.fit(fresh, half, epochs=1, batch_size=BATCH, progress=False)  # restores, trains nothing
+    assert int(done.step) == 4 and sorted(os.listdir(directory)) == listing  # a fit that saves nothing is a reader
     with pytest.warns(CheckpointWarning, match=r"1 unfinished save\(s\) \(8\.orbax-checkpoint-tmp\).* removed"):
         final = pipe.fit(restored, data, epochs=1, batch_size=BATCH, progress=False)  # holds the writer lock
     assert sorted(os.listdir(directory)) == ["4", "8", "jaxpipe-checkpoints.json"]
@@ -703,6 +707,7 @@ def test_a_reader_while_training_runs_deletes_nothing_and_the_trainer_finishes(t
     report = json.loads(read.strip().splitlines()[-1])
     assert report["reads"] >= 1 and report["reads_while_saving"] >= 1, report  # the race was run
     assert "CheckpointWarning" not in train_errors + read_errors  # nothing unfinished, nothing damaged
+    assert sorted(os.listdir(tmp_path)) == ["ckpt", "final.npz", "final.npz.stop"]  # nothing else written
     import kill_resume_train
 
     with np.load(out) as saved:
