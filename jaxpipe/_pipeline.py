@@ -428,6 +428,38 @@ class Pipeline:
         """Trains from ``state``; ``epochs`` is the run's total. See :func:`jaxpipe.fit`."""
         return _fit.fit(self, state, data, epochs=epochs, batch_size=batch_size, **options)
 
+    def save(self, state: Any) -> bool:
+        """Saves ``state`` through this pipeline's ``.checkpoint()`` stage, for a step loop written by hand.
+
+        The state is written when this returns. Returns False if nothing was
+        written: its step is saved already, or it holds NaN or inf (a warning).
+        """
+        from jaxpipe import _train
+
+        with _train.run_hooks(self) as hook:
+            written = hook.jaxpipe_save_state(pipeline=self, state=state)
+        if written is None:
+            raise _needs_saver(self, "save")
+        return bool(written)
+
+    def restore(self, state: Any) -> Any:
+        """The newest checkpoint of this pipeline's ``.checkpoint()`` stage, shaped like ``state``; else ``state``."""
+        from jaxpipe import _train
+
+        with _train.run_hooks(self) as hook:
+            restored = hook.jaxpipe_restore_state(pipeline=self, state=state)
+        if restored is None:
+            raise _needs_saver(self, "restore")
+        return restored
+
+
+def _needs_saver(pipe: Pipeline, action: str) -> PipelineError:
+    return PipelineError(
+        f"`{action}` needs a stage that saves the training state, and this pipeline has none.\n"
+        f"Add one, e.g. trainer = trainer.checkpoint('runs/exp'), then trainer.{action}(state).",
+        pipeline=repr(pipe),
+    )
+
 
 def _new(fn: Callable[..., Any], name: str | None, stages: tuple[Stage, ...]) -> Pipeline:
     pipe = object.__new__(Pipeline)

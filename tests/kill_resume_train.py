@@ -2,9 +2,12 @@
 
 Usage: python kill_resume_train.py CHECKPOINT_DIR OUT.npz
 
-Prints ``ready`` once imported and ``step N`` after each training step (before
-that step's checkpoint is saved); when training finishes, writes the final
-state's leaves to OUT.npz (plain arrays, no pickle).
+Reports its progress on stdout and waits for a line on stdin after each report,
+so the test decides where a kill lands by what the process has done, not by
+time: ``ready`` once imported, ``initialised`` after ``init`` (and its restore),
+and ``step N`` after each training step (before that step's checkpoint is
+saved). When training finishes it writes the final state's leaves to OUT.npz
+(plain arrays, no pickle).
 """
 
 from __future__ import annotations
@@ -41,25 +44,36 @@ def data() -> dict[str, np.ndarray]:
     return {"x": x, "label": (x @ np.array([1.0, -1.0, 0.5, 2.0]) > 0).astype(np.int32) + (x[:, 0] > 1)}
 
 
-class PrintSteps:
-    """Registered after the checkpoint stage's hooks, so pluggy calls it first: the line comes before the save."""
+def report(line: str) -> None:
+    """Says how far the run got, then waits until the test lets it go on (or kills it)."""
+    print(line, flush=True)
+    sys.stdin.readline()
+
+
+class ReportSteps:
+    """Registered after the checkpoint stage's hooks, so pluggy calls it first: the report comes before the save."""
 
     @hookimpl
     def jaxpipe_fit_step(self, run, state, metrics):
-        print(f"step {run.step}", flush=True)
+        report(f"step {run.step}")
 
 
-def train(directory: str | None) -> object:
-    """Trains to the end, resuming from ``directory``'s newest checkpoint if there is one."""
+def trainer(directory: str | None, every: int = EVERY, keep: int = KEEP) -> Pipeline:
     tx = optax.chain(
         optax.clip_by_global_norm(1.0), optax.adamw(optax.warmup_cosine_decay_schedule(0.0, 1e-2, 10, 100))
     )
     pipe = Pipeline(loss).model(MLP(), input="x").optimize(tx).jit()
-    if directory is not None:
-        pipe = pipe.checkpoint(directory, every=EVERY, keep=KEEP)
+    return pipe if directory is None else pipe.checkpoint(directory, every=every, keep=keep)
+
+
+def train(directory: str | None, reports: bool = False) -> object:
+    """Trains to the end, resuming from ``directory``'s newest checkpoint if there is one."""
+    pipe = trainer(directory)
     examples = data()
     state = pipe.init(jax.random.key(0), {k: v[:BATCH_SIZE] for k, v in examples.items()})
-    hooks = [PrintSteps()] if directory is not None else []
+    if reports:
+        report("initialised")
+    hooks = [ReportSteps()] if reports else []
     return pipe.fit(state, examples, epochs=EPOCHS, batch_size=BATCH_SIZE, progress=False, hooks=hooks)
 
 
@@ -75,8 +89,8 @@ def leaves(state: object) -> dict[str, np.ndarray]:
 
 
 if __name__ == "__main__":
-    print("ready", flush=True)
+    report("ready")
     directory, out = sys.argv[1:3]
-    final = train(directory)
+    final = train(directory, reports=True)
     with open(out, "wb") as file:
         np.savez(file, **leaves(final))

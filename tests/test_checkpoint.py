@@ -7,6 +7,8 @@ pipeline whose directory is emptied before each test, so the step compiles once 
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import json
 import os
 import pickle
@@ -14,6 +16,8 @@ import shutil
 import signal
 import subprocess
 import sys
+import warnings
+from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -81,7 +85,7 @@ def pipe(shared):
 
 
 def directory_of(pipe):
-    return pipe.stages[-1].options["directory"]
+    return Path(pipe.stages[-1].options["directory"])
 
 
 def batches(state, data, epochs):
@@ -134,7 +138,7 @@ def test_stage_leaves_the_step_unchanged(pipe, data):
     assert built.lower(state, sample(data)).as_text() == plain.build().lower(state, sample(data)).as_text()
     explained = pipe.explain()
     assert explained.endswith("\n\n" + plain.explain().split("\n\n")[-1])  # the same JAX expression
-    assert "LatestN(2)" in explained and "every 4 steps" in explained
+    assert "keeps its newest 2 steps" in explained and "every 4 steps" in explained
     assert not os.path.exists(directory_of(pipe))  # adding the stage or init with nothing to restore writes nothing
 
 
@@ -177,7 +181,7 @@ def test_saves_every_n_steps_keeps_the_newest_and_records_the_run(pipe, data):
     assert steps_on_disk(directory) == [12, 16]  # saved at 4, 8, 12, 16; keep=2
     assert not [name for name in os.listdir(directory) if "tmp" in name]  # fit waited for the async writes
     meta = json.loads((directory / "16" / "meta" / "metadata").read_text())
-    assert meta["step"] == 16 and meta["position"] == {"epoch": 2, "batch": 0}
+    assert meta["step"] == 16 and meta["next"] == {"epoch": 3, "batch": 1, "of": 8}  # counted from 1
     assert meta["pipeline"] == repr(pipe) and meta["explain"] == pipe.explain()
     assert meta["layout"][".params['Dense_0']['kernel']"] == "float32[4,16]"
     assert meta["layout"][".model_state['batch_stats']['BatchNorm_0']['mean']"] == "float32[16]"
@@ -204,7 +208,7 @@ def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(pipe, data, capsys
     capsys.readouterr()
     resumed = pipe.init(jax.random.key(0), sample(data))  # the restart of a crashed script
     said = capsys.readouterr().out.strip().splitlines()
-    assert said == [f"jaxpipe: resuming from step 8 of {directory_of(pipe)} (epoch 1, batch 0)"]
+    assert said == [f"jaxpipe: resuming from step 8 of {directory_of(pipe)} (next: epoch 2, batch 1 of 8)"]
     final = pipe.fit(resumed, data, epochs=3, batch_size=BATCH, progress=False)
     assert "resuming" not in capsys.readouterr().out  # once is enough: fit had the newest state already
     assert_same_bits(final, by_hand(pipe.build(), fresh, data, 24))
@@ -301,12 +305,12 @@ def test_a_failed_step_saves_nothing_after_the_last_good_checkpoint(pipe, data):
 
 @pytest.fixture
 def two_checkpoints(pipe, data):
-    """The shared pipeline's directory with checkpoints at steps 4 and 8, and a file of the user's."""
+    """The shared pipeline's directory with checkpoints at steps 4 and 8, and a file of the user's beside it."""
     directory = directory_of(pipe)
     fresh = pipe.init(jax.random.key(0), sample(data))
     pipe.fit(fresh, data, epochs=1, batch_size=BATCH, progress=False)
     assert steps_on_disk(directory) == [4, 8]
-    (directory / "notes.txt").write_text("the user's own file")
+    (directory.parent / "notes.txt").write_text("the user's own file")
     return pipe, directory, fresh
 
 
@@ -329,26 +333,37 @@ def test_damaged_newest_step_warns_and_restores_the_previous_one(two_checkpoints
     pipe, directory, fresh = two_checkpoints
     damage(directory / "8")
     files_before = all_files(directory)
-    with pytest.warns(CheckpointWarning, match=r"step 8 .* is incomplete or damaged .* moved to .*8\.damaged"):
+    with pytest.warns(CheckpointWarning, match=r"step 8 .* is incomplete or damaged .* left in place"):
         restored = pipe.init(jax.random.key(0), sample(data))
     assert_same_bits(restored, by_hand(pipe.build(), fresh, data, 4))
-    # nothing deleted: the damaged step is kept under a new name, the user's file is untouched
+    assert all_files(directory) == files_before  # init only reads
+    # training goes on, sets the damaged step aside (kept, not deleted) and saves step 8 again
+    with pytest.warns(CheckpointWarning, match=r"step 8 .* this run moves it to 8\.damaged"):
+        final = pipe.fit(restored, data, epochs=1, batch_size=BATCH, progress=False)
     moved = {f"8.damaged{f[1:]}" if f.startswith("8/") else f for f in files_before}
     assert moved <= all_files(directory)
-    assert (directory / "notes.txt").read_text() == "the user's own file"
-    # training goes on and saves step 8 again
-    final = pipe.fit(restored, data, epochs=1, batch_size=BATCH, progress=False)
+    assert (directory.parent / "notes.txt").read_text() == "the user's own file"
     assert steps_on_disk(directory) == [4, 8]
     assert_same_bits(final, by_hand(pipe.build(), fresh, data, 8))
 
 
-def test_unfinished_save_left_by_a_killed_process_warns_and_restores_the_newest_complete_step(two_checkpoints, data):
+def test_unfinished_save_left_by_a_killed_process_is_removed_only_by_the_next_writer(two_checkpoints, data):
     pipe, directory, fresh = two_checkpoints
     os.rename(directory / "8", directory / "8.orbax-checkpoint-tmp")  # killed before Orbax's final rename
-    with pytest.warns(CheckpointWarning, match=r"1 unfinished save\(s\) \(8\.orbax-checkpoint-tmp\).* removed"):
+    listing = sorted(os.listdir(directory))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a reader says nothing about it: it may be a live writer's save
         restored = pipe.init(jax.random.key(0), sample(data))
     assert_same_bits(restored, by_hand(pipe.build(), fresh, data, 4))
-    assert sorted(os.listdir(directory)) == ["4", "notes.txt"]  # Orbax's leftover is gone, the user's file is not
+    assert sorted(os.listdir(directory)) == listing  # readers never delete
+    half = {k: v[: SIZE // 2] for k, v in data.items()}  # 4 steps per epoch: step 4 ends the run
+    with warnings.catch_warnings(record=True):  # "another batch_size": not what this checks
+        done = pipe.fit(fresh, half, epochs=1, batch_size=BATCH, progress=False)  # restores, trains nothing
+    assert int(done.step) == 4 and sorted(os.listdir(directory)) == listing  # a fit that saves nothing is a reader
+    with pytest.warns(CheckpointWarning, match=r"1 unfinished save\(s\) \(8\.orbax-checkpoint-tmp\).* removed"):
+        final = pipe.fit(restored, data, epochs=1, batch_size=BATCH, progress=False)  # holds the writer lock
+    assert sorted(os.listdir(directory)) == ["4", "8", "jaxpipe-checkpoints.json"]
+    assert_same_bits(final, by_hand(pipe.build(), fresh, data, 8))
 
 
 def test_restoring_into_another_structure_says_what_differs(two_checkpoints, data):
@@ -404,3 +419,298 @@ def test_loading_the_plugin_does_not_import_orbax(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path)
     assert out.stdout.strip() == "False"
+
+
+# --- the directory is jaxpipe's alone: nothing else in it is touched -------------------------------------------------
+
+
+def snapshot(root):
+    """Everything under ``root``, links not followed: a file's bytes (hashed), a link's target, or a folder."""
+    found = {}
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = os.path.join(folder, name)
+            if os.path.islink(path):
+                found[os.path.relpath(path, root)] = "-> " + os.readlink(path)
+            elif os.path.isdir(path):
+                found[os.path.relpath(path, root)] = "folder"
+            else:
+                found[os.path.relpath(path, root)] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return found
+
+
+@pytest.fixture
+def parallel_deleter(monkeypatch):
+    """Orbax deletes with its parallel deleter, as it does on machines with 4 or more CPUs."""
+    from orbax.checkpoint._src.path import deleter
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)  # what Orbax's PathDeleter reads to choose it
+    assert deleter.PathDeleter(deleter.epath.Path("/tmp"))._parallel_deleter is not None
+
+
+def users_folders(directory, outside):
+    (directory / "12").mkdir(parents=True)
+    (directory / "12" / "mine.txt").write_text("mine")
+    (directory / "2" / "sub").mkdir(parents=True)
+    (directory / "2" / "sub" / "results.csv").write_text("a,b\n1,2\n")
+    return ["12/ (a folder without Orbax checkpoint metadata)", "2/ (a folder without Orbax checkpoint metadata)"]
+
+
+def a_file(directory, outside):
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "notes.txt").write_text("notes")
+    return ["notes.txt (a file)"]
+
+
+def another_tools_checkpoints(directory, outside):
+    import orbax.checkpoint as ocp
+
+    with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=True)) as manager:
+        for step in (100, 200):  # Orbax saves only steps after its latest
+            manager.save(step, args=ocp.args.StandardSave({"w": np.full(3, step, np.float32)}))
+    return ["100/ (an Orbax checkpoint that jaxpipe did not write, with items ['default'])"]
+
+
+def a_link_named_like_a_step(directory, outside):
+    (outside / "best").mkdir(parents=True)
+    (outside / "best" / "weights.bin").write_bytes(b"\x00" * 64)
+    directory.mkdir(parents=True, exist_ok=True)
+    os.symlink(outside / "best", directory / "2")
+    return [f"2 -> {outside / 'best'} (a symbolic link)"]
+
+
+@pytest.mark.parametrize("jaxpipes_already", [False, True], ids=["new-directory", "jaxpipe-directory"])
+@pytest.mark.parametrize("put", [users_folders, a_file, another_tools_checkpoints, a_link_named_like_a_step])
+def test_a_directory_holding_anything_else_is_refused_and_nothing_changes(
+    pipe, data, parallel_deleter, jaxpipes_already, put
+):
+    directory = directory_of(pipe)
+    outside = directory.parent / "elsewhere"
+    fresh = pipe.init(jax.random.key(0), sample(data))
+    if jaxpipes_already:
+        pipe.fit(fresh, data, epochs=1, batch_size=BATCH, progress=False)  # steps 4 and 8, and the marker
+    listed = put(directory, outside)
+    before = snapshot(directory.parent)
+    for attempt in (
+        lambda: pipe.fit(fresh, data, epochs=3, batch_size=BATCH, progress=False),
+        lambda: pipe.init(jax.random.key(0), sample(data)),
+        lambda: pipe.save(fresh),
+    ):
+        with pytest.raises(PipelineError) as info:
+            attempt()
+        message = str(info.value)
+        assert info.value.stage == 4 and info.value.stage_name == "checkpoint"
+        why = "holds things that jaxpipe did not write" if jaxpipes_already else "was not created by jaxpipe"
+        assert f"the checkpoint directory {directory} {why}" in message
+        for line in listed:
+            assert f"\n  {line}" in message
+        instead = f"{directory}-2" if jaxpipes_already else str(directory / "checkpoints")
+        assert f"a folder of their own, e.g. .checkpoint({instead!r})" in message
+        assert snapshot(directory.parent) == before  # nothing changed, inside or outside
+
+
+def test_another_models_checkpoints_are_never_rotated_away(two_checkpoints, data):
+    """A pipeline of another training state may not use (or clean) a directory holding another model's steps."""
+    pipe, directory, _ = two_checkpoints
+    wider = trainer(directory, width=32, every=4, keep=1)
+    before = snapshot(directory.parent)
+    fresh = trainer(width=32).init(jax.random.key(0), sample(data))
+    ahead = fresh.replace(step=jnp.asarray(20, jnp.int32))  # past the other model's steps, so nothing is restored
+    for attempt in (
+        lambda: wider.fit(ahead, data, epochs=4, batch_size=BATCH, progress=False),
+        lambda: wider.save(ahead),
+    ):
+        with pytest.raises(PipelineError, match=r"was written by a pipeline with another training state") as info:
+            attempt()
+        assert "Saved by:  " + repr(pipe) in str(info.value)
+    assert snapshot(directory.parent) == before
+
+
+def test_retention_never_follows_or_removes_what_appears_during_a_run(pipe, data, parallel_deleter):
+    """A link named like an old step, and a user's folder, put into the directory while training runs."""
+    directory = directory_of(pipe)
+    outside = directory.parent / "elsewhere"
+    (outside / "best").mkdir(parents=True)
+    (outside / "best" / "weights.bin").write_bytes(b"\x01" * 64)
+
+    class MeddleAt:
+        @hookimpl
+        def jaxpipe_fit_step(self, run, state, metrics):
+            if run.step == 5:
+                os.symlink(outside / "best", directory / "1")
+                (directory / "2").mkdir()
+                (directory / "2" / "mine.txt").write_text("mine")
+
+    outside_before = snapshot(outside)
+    fresh = pipe.init(jax.random.key(0), sample(data))
+    final = pipe.fit(fresh, data, epochs=3, batch_size=BATCH, progress=False, hooks=[MeddleAt()])
+    assert_same_bits(final, by_hand(pipe.build(), fresh, data, 24))
+    assert snapshot(outside) == outside_before
+    assert (
+        os.readlink(directory / "1") == str(outside / "best") and (directory / "2" / "mine.txt").read_text() == "mine"
+    )
+    assert sorted(os.listdir(directory)) == ["1", "2", "20", "24", "jaxpipe-checkpoints.json"]  # keep=2 of its own
+
+
+def test_the_marker_is_written_when_jaxpipe_creates_the_directory(pipe, data):
+    directory = directory_of(pipe)
+    fresh = pipe.init(jax.random.key(0), sample(data))
+    assert not directory.exists()  # reading a directory that is not there creates nothing
+    assert pipe.save(fresh)  # step 0
+    assert sorted(os.listdir(directory)) == ["0", "jaxpipe-checkpoints.json"]
+    assert json.loads((directory / "jaxpipe-checkpoints.json").read_text())["written_by"] == "jaxpipe"
+    shutil.rmtree(directory)
+    directory.mkdir()  # an empty existing directory is fine too
+    assert pipe.save(fresh) and sorted(os.listdir(directory)) == ["0", "jaxpipe-checkpoints.json"]
+
+
+# --- non-finite states, damaged metadata, paths ---------------------------------------------------------------------
+
+
+def test_a_state_with_nan_is_never_saved(pipe, data):
+    directory = directory_of(pipe)
+    good = pipe.init(jax.random.key(0), sample(data))
+    bad = good.replace(
+        step=jnp.asarray(8, jnp.int32),
+        params=jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(jnp.nan), good.params),
+    )
+    with pytest.warns(CheckpointWarning, match=r"state at step 8 holds NaN or inf \(in \.params\["):
+        assert pipe.save(bad) is False
+    assert not directory.exists()
+    run = FitRun(pipe, epochs=1, batch_size=BATCH, steps_per_epoch=8, total_steps=8)
+    hooks = Checkpointer(**pipe.stages[-1].options)  # what the stage registers for a fit
+    hooks.jaxpipe_fit_start(run=run, state=good)
+    for step, state in ((4, good.replace(step=jnp.asarray(4, jnp.int32))), (8, bad), (12, bad)):
+        run.step = step
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            hooks.jaxpipe_fit_step(run=run, state=state, metrics={})
+        assert len(said) == (1 if step == 8 else 0)  # warned once per run
+    hooks.jaxpipe_fit_end(run=run, state=bad)
+    assert steps_on_disk(directory) == [4]  # retention can never be left with only non-finite states
+
+
+def test_metadata_damaged_but_still_json_falls_back_to_the_previous_step(two_checkpoints, data):
+    pipe, directory, fresh = two_checkpoints
+    meta_file = directory / "8" / "meta" / "metadata"
+    meta = json.loads(meta_file.read_text())
+    meta["layout"][".params['Dense_0']['kernel']"] = "float32[4,17]"  # valid JSON, wrong content
+    meta_file.write_text(json.dumps(meta))
+    with pytest.warns(CheckpointWarning, match=r"step 8 .* damaged \(its metadata does not match its checksum\)"):
+        restored = pipe.init(jax.random.key(0), sample(data))
+    assert_same_bits(restored, by_hand(pipe.build(), fresh, data, 4))
+
+
+def test_a_relative_directory_is_resolved_when_the_stage_is_added(tmp_path, monkeypatch, data):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    pipe = trainer("runs/x", every=4)
+    assert pipe.stages[-1].options["directory"] == str(tmp_path / "a" / "runs" / "x")
+    state = pipe.init(jax.random.key(0), sample(data))
+    monkeypatch.chdir(tmp_path / "b")
+    assert pipe.save(state)
+    assert os.listdir(tmp_path / "b") == [] and steps_on_disk(tmp_path / "a" / "runs" / "x") == [0]
+
+
+# --- saving and restoring by hand, data state, starting over --------------------------------------------------------
+
+
+def test_a_hand_written_loop_saves_and_restores_through_the_stage(pipe, data, capsys):
+    directory, step = directory_of(pipe), pipe.build()
+    fresh = pipe.init(jax.random.key(0), sample(data))
+    assert pipe.restore(fresh) is fresh  # nothing saved yet
+    state = fresh
+    for batch in itertools.islice(batches(fresh, data, epochs=1), 5):
+        state, _ = step(state, batch)
+        if int(state.step) % 2 == 0:
+            assert pipe.save(state)
+    assert pipe.save(state)
+    assert pipe.save(state) is False  # step 5 is saved already
+    assert steps_on_disk(directory) == [4, 5]  # keep=2
+    capsys.readouterr()
+    assert_same_bits(pipe.restore(fresh), state)
+    assert capsys.readouterr().out.startswith("jaxpipe: resuming from step 5 of ")
+    with pytest.raises(PipelineError, match=r"`save` needs a stage that saves the training state") as info:
+        trainer().save(state)
+    assert "e.g. trainer = trainer.checkpoint('runs/exp'), then trainer.save(state)" in str(info.value)
+    with pytest.raises(PipelineError, match=r"`restore` needs a stage that saves"):
+        trainer().restore(state)
+
+
+def test_the_data_state_is_saved_with_each_checkpoint_and_given_back_on_resume(pipe, data):
+    fresh = pipe.init(jax.random.key(0), sample(data))
+    first = FitRun(pipe, epochs=1, batch_size=None, steps_per_epoch=None, total_steps=None)
+    first.data_state = {"next_index": 3, "seed": "b'\\x01'"}  # e.g. a Grain iterator's get_state(), as JSON
+    hooks = Checkpointer(**pipe.stages[-1].options)
+    hooks.jaxpipe_fit_start(run=first, state=fresh)
+    first.step = 3
+    hooks.jaxpipe_fit_end(run=first, state=fresh.replace(step=jnp.asarray(3, jnp.int32)))
+    assert json.loads((directory_of(pipe) / "3" / "data" / "metadata").read_text()) == {"state": first.data_state}
+    for given in (fresh, pipe.init(jax.random.key(0), sample(data))):  # a fresh state, or step 3's from init
+        second = FitRun(pipe, epochs=1, batch_size=None, steps_per_epoch=None, total_steps=None)
+        resumed = Checkpointer(**pipe.stages[-1].options).jaxpipe_fit_resume(run=second, state=given)
+        assert int((resumed or given).step) == 3
+        assert second.resumed_data_state == first.data_state
+
+
+def test_resume_false_moves_the_earlier_run_aside_and_starts_afresh(two_checkpoints, data, capsys):
+    pipe, directory, fresh = two_checkpoints
+    earlier = {name: value for name, value in snapshot(directory).items() if name.split("/")[0] in ("4", "8")}
+    run = FitRun(pipe, epochs=1, batch_size=BATCH, steps_per_epoch=8, total_steps=8)
+    run.resume = False  # fit(..., resume=False)
+    hooks = Checkpointer(**pipe.stages[-1].options)
+    assert hooks.jaxpipe_fit_resume(run=run, state=fresh) is None  # nothing restored
+    hooks.jaxpipe_fit_start(run=run, state=fresh)
+    run.step = 3
+    hooks.jaxpipe_fit_end(run=run, state=fresh.replace(step=jnp.asarray(3, jnp.int32)))
+    assert (
+        f"moved the earlier run's checkpoints (steps 4, 8) to {directory / 'earlier-run-1'}" in capsys.readouterr().out
+    )
+    assert sorted(os.listdir(directory)) == ["3", "earlier-run-1", "jaxpipe-checkpoints.json"]
+    moved = {
+        name.removeprefix("earlier-run-1/"): v for name, v in snapshot(directory).items() if "earlier-run-1/" in name
+    }
+    assert moved == earlier  # kept, byte for byte
+    assert int(pipe.init(jax.random.key(0), sample(data)).step) == 3
+
+
+# --- readers never delete: an evaluation process reading while training writes ----------------------------------------
+
+
+@pytest.mark.slow
+def test_a_reader_while_training_runs_deletes_nothing_and_the_trainer_finishes(tmp_path):
+    script = Path(__file__).with_name("reader_writer.py")
+    directory, out = tmp_path / "ckpt", tmp_path / "final.npz"
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    trainer_process = subprocess.Popen(
+        [sys.executable, str(script), "train", str(directory), str(out)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    reader = subprocess.Popen(
+        [sys.executable, str(script), "read", str(directory), str(out)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _, train_errors = trainer_process.communicate(timeout=600)
+    finally:
+        Path(f"{out}.stop").touch()  # the reader stops either way
+        read, read_errors = reader.communicate(timeout=120)
+    assert trainer_process.returncode == 0, train_errors[-3000:]
+    assert reader.returncode == 0, read_errors[-3000:]
+    report = json.loads(read.strip().splitlines()[-1])
+    assert report["reads"] >= 1 and report["reads_while_saving"] >= 1, report  # the race was run
+    assert "CheckpointWarning" not in train_errors + read_errors  # nothing unfinished, nothing damaged
+    assert sorted(os.listdir(tmp_path)) == ["ckpt", "final.npz", "final.npz.stop"]  # nothing else written
+    import kill_resume_train
+
+    with np.load(out) as saved:
+        killed = dict(saved)
+    for path, value in kill_resume_train.leaves(kill_resume_train.train(None)).items():
+        np.testing.assert_array_equal(killed[path], value, err_msg=path)
