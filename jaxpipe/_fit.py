@@ -259,6 +259,7 @@ def fit(
     plan = _plan(
         pipe, state, data, epochs, batch_size, eval_data, eval_batch_size, log_every, device_data, on_nonfinite
     )
+    plan["hooks"] = tuple(hooks)
     steps_per_epoch, total = plan["steps_per_epoch"], plan["total"]
     run = FitRun(pipe, epochs, batch_size, steps_per_epoch, total, resume=bool(resume))
     with run_hooks(pipe, hooks) as hook:
@@ -406,6 +407,25 @@ def _every(pipe: Pipeline) -> list[int]:
     return periods
 
 
+def _wants_every_step(hook: Any, hooks: Sequence[object]) -> bool:
+    """Whether a ``jaxpipe_fit_step`` of a plugin or of ``hooks=`` expects to run after every step.
+
+    Such a hook (written when ``fit`` ran one step per call) keeps one step per
+    call, unless it says ``accepts_calls = True``: it handles a call of several
+    steps (``run.step`` advanced by k, metrics with a leading axis of k). A
+    stage's own hooks (the checkpointer) are fine: calls end on its ``every``.
+    """
+    from jaxpipe._plugins import plugin_manager
+
+    shared = plugin_manager()
+    plugins = {id(p) for p in shared.get_plugins()}
+    mine = {id(h) for h in hooks}
+    for impl in hook.jaxpipe_fit_step.get_hookimpls():
+        if (id(impl.plugin) in mine or id(impl.plugin) in plugins) and not getattr(impl.plugin, "accepts_calls", False):
+            return True
+    return False
+
+
 class _Schedule:
     """How many steps the next call runs: k, cut at epoch ends, the end and ``every`` periods."""
 
@@ -455,6 +475,9 @@ class _Loop:
         self.nonfinite: str | None = None
         self.pending: list[tuple[int, int, Callable[[], tuple[list[str], np.ndarray]]]] = []
         explicit = scan_steps(pipe) if any(s.name == "scan" for s in pipe.stages) else None
+        self.k_reason = "set by .scan" if explicit else "auto"
+        if explicit is None and _wants_every_step(hook, plan["hooks"]):
+            explicit, self.k_reason = 1, "a hook sees every step"
         self.schedule = _Schedule(explicit, run.steps_per_epoch, run.total_steps, _every(pipe))
         self.step_hooks = bool(hook.jaxpipe_fit_step.get_hookimpls())
         self.place_hooks = bool(hook.jaxpipe_place_batch.get_hookimpls())
@@ -613,8 +636,7 @@ class _Loop:
     def _describe(self) -> None:
         k = self.schedule.k
         per = "step" if k == 1 else "steps"
-        how = "set by .scan" if not self.schedule.auto else ("auto" if self.mode != "host" else "")
-        self.run.per_call = f"{k} {per} per call{f' ({how})' if how else ''}, {self.why}"
+        self.run.per_call = f"{k} {per} per call ({self.k_reason}), {self.why}"
         if not getattr(self.bar, "disable", False):
             self.bar.write(f"fit: {self.run.per_call}")
 

@@ -175,23 +175,22 @@ class ResumableSource:
                 for skipped in range(offset):
                     if next(iterator, _END) is _END:
                         self._short(epoch, skipped)
-            saved = None
+            saved, held, held_state = None, _END, None
             while per_epoch is None or offset < per_epoch:
                 if end is not None and step >= end:
                     return
                 n = count(step)
                 if per_epoch is not None:
                     n = min(n, per_epoch - offset)
-                group = [b for _, b in zip(range(n), iterator, strict=False)]
+                group, held, after, held_state = _take(iterator, n, held, held_state)
                 if not group:
                     if per_epoch is not None:
                         self._short(epoch, offset)
                     return
-                after = encode_state(iterator.get_state()) if _resumable(iterator) else None  # type: ignore[attr-defined]
                 yield len(group), group, after
                 offset += len(group)
                 step += len(group)
-                if len(group) < n:
+                if len(group) < n and held is _END:
                     if per_epoch is not None:
                         self._short(epoch, offset)
                     return
@@ -208,6 +207,35 @@ class ResumableSource:
 
 
 _END = object()
+
+
+def _take(iterator: Iterator[Any], n: int, held: Any, held_state: Any) -> tuple[list[Any], Any, Any, Any]:
+    """Up to ``n`` batches of one structure and shapes (so they stack); the first that differs is held back.
+
+    Returns the group, the held batch (or ``_END``), the iterator's state right
+    after the group's last batch, and the state right after the held batch.
+    """
+    resumable = _resumable(iterator)
+    group = [] if held is _END else [held]
+    state = held_state
+    signature = _signature(group[0]) if group else None
+    while len(group) < n:
+        batch = next(iterator, _END)
+        if batch is _END:
+            return group, _END, state, None
+        now = encode_state(iterator.get_state()) if resumable else None  # type: ignore[attr-defined]
+        if signature is None:
+            signature = _signature(batch)
+        elif _signature(batch) != signature:
+            return group, batch, state, now
+        group.append(batch)
+        state = now
+    return group, _END, state, None
+
+
+def _signature(batch: Any) -> Any:
+    leaves, tree = jax.tree_util.tree_flatten(batch)
+    return tree, [(np.shape(x), str(getattr(x, "dtype", type(x)))) for x in leaves]
 
 
 def _resumable(iterator: Any) -> bool:
