@@ -524,6 +524,13 @@ class _Loop:
     def _train_on_device(self) -> None:
         run, schedule = self.run, self.schedule
         assert run.steps_per_epoch is not None and run.total_steps is not None and run.batch_size is not None
+        if self._mesh() is not None:  # the placing hook says, as for host batches, when the mesh cannot split one
+            scanned = any(s.name == "scan" for s in self.pipe.stages)
+            sample = {
+                k: np.asarray(v[: run.batch_size])[None] if scanned else v[: run.batch_size]
+                for k, v in self.data.items()
+            }
+            self.hook.jaxpipe_place_batch(run=run, batch=sample, whole=True)
         data, size = self._place_data()
         data_key = jnp.copy(self._state.data_key)  # kept: the state's own is donated with each call
         orders: dict[int, jax.Array] = {}
