@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 _CALL_SECONDS = 0.2  # a call's target length: Ctrl-C and Stop act within about two calls
 _CAPACITY = 4096  # most steps in one call (the metrics buffer's rows)
 ON_NONFINITE = ("raise", "stop", "ignore")
+_ROUND = [m * 10**e for e in range(7) for m in (1, 2, 5)]
 
 
 @dataclasses.dataclass
@@ -451,7 +452,10 @@ class _Schedule:
 
     def measured(self, seconds_per_step: float, log_every: int) -> None:
         """Sets k so that a call takes about ``_CALL_SECONDS``, aligned with ``log_every``."""
-        k = int(min(max(_CALL_SECONDS / max(seconds_per_step, 1e-9), 1), self.capacity))
+        k = int(max(_CALL_SECONDS / max(seconds_per_step, 1e-9), 1))
+        # A round number (1, 2, 5, 10, 20, 50, ...): the same k run after run, so streamed calls,
+        # whose stacked batches have k rows, reuse one compiled program.
+        k = min(max(v for v in _ROUND if v <= k), self.capacity)
         if k >= log_every:
             k -= k % log_every
         elif k < self.capacity:  # a whole epoch per call needs no rounding
@@ -594,7 +598,7 @@ class _Loop:
                 gather=False,
                 batch_size=run.batch_size or 0,
                 steps_per_epoch=run.steps_per_epoch or 0,
-                capacity=n,
+                capacity=jax.tree.leaves(batches)[0].shape[0],
                 guard=self.guard,
             )
             try:
@@ -770,12 +774,15 @@ class _Loop:
                 batches = batches[0]
             else:
                 batches = _stack(batches)
+        if self.mode != "host":  # padded to k rows (never run): one compiled program for every call
+            batches = _pad(batches, max(n, self.schedule.k))
         whole = isinstance(self.data, Mapping)  # every process holds the whole data set
         if self.mode == "host" or scanned:
             placed = self.hook.jaxpipe_place_batch(run=self.run, batch=batches, whole=whole)
             return n, batches if placed is None else placed, data_state
         if self.place_hooks:  # one batch at a time, as the hooks expect, then stacked on the device
-            single = [jax.tree.map(lambda x, i=i: x[i], batches) for i in range(n)]
+            rows = len(jax.tree.leaves(batches)[0])
+            single = [jax.tree.map(lambda x, i=i: x[i], batches) for i in range(rows)]
             placed_each = [self.hook.jaxpipe_place_batch(run=self.run, batch=b, whole=whole) for b in single]
             if all(p is not None for p in placed_each):
                 return n, jax.tree.map(lambda *xs: jnp.stack(xs), *placed_each), data_state
@@ -791,6 +798,18 @@ class _Loop:
             _place_stage_error(self.pipe, err)
             return
         raise explained from err
+
+
+def _pad(stacked: Any, rows: int) -> Any:
+    """Stacked batches with zero batches appended up to ``rows``."""
+
+    def pad(x: Any) -> Any:
+        if x.shape[0] >= rows:
+            return x
+        lib = jnp if isinstance(x, jax.Array) else np
+        return lib.concatenate([x, lib.zeros((rows - x.shape[0], *x.shape[1:]), x.dtype)])
+
+    return jax.tree.map(pad, stacked)
 
 
 def _stack(batches: list[Any]) -> Any:
