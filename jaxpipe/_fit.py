@@ -636,7 +636,8 @@ class _Loop:
         elif self.calls == 1 and not schedule.auto:
             self._describe()
         if self.step_hooks:
-            self.hook.jaxpipe_fit_step(run=run, state=self.state(), metrics=_Metrics(rows))
+            per_step = self.k_reason == "a hook sees every step"  # as before: each metric a scalar
+            self.hook.jaxpipe_fit_step(run=run, state=self.state(), metrics=_Metrics(rows, per_step))
         if epoch_end:
             self.end_epoch()
         if run.stop_requested:
@@ -820,13 +821,15 @@ def _stack(batches: list[Any]) -> Any:
 class _Metrics(Mapping[str, Any]):
     """A call's metrics for hooks: each a device array with a leading axis of the call's steps, sliced on access."""
 
-    def __init__(self, fetch: Any) -> None:
-        self._fetch = fetch
+    def __init__(self, fetch: Any, scalars: bool) -> None:
+        self._fetch, self._scalars = fetch, scalars
 
     def _all(self) -> dict[str, Any]:
         if hasattr(self._fetch, "metrics"):
             return dict(self._fetch.metrics)
         rows, names, n = self._fetch.device, self._fetch.names, self._fetch.n
+        if self._scalars:
+            return {name: rows[0, j] for j, name in enumerate(names)}
         return {name: rows[:n, j] for j, name in enumerate(names)}
 
     def __getitem__(self, name: str) -> Any:
