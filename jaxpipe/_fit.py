@@ -40,6 +40,7 @@ _CALL_SECONDS = 0.2  # a call's target length: Ctrl-C and Stop act within about 
 _CAPACITY = 4096  # most steps in one call (the metrics buffer's rows)
 ON_NONFINITE = ("raise", "stop", "ignore")
 _ROUND = [m * 10**e for e in range(7) for m in (1, 2, 5)]
+_STEP_SECONDS: dict[Any, float] = {}  # measured seconds per step, by pipeline, mode and batch shapes
 
 
 @dataclasses.dataclass
@@ -495,6 +496,11 @@ class _Loop:
                 self.mode = "device" if on_device else "stream"
         self.why = why
         self.calls = 0
+        # The step time measured by an earlier fit of this pipeline on batches like these (a notebook's
+        # next run, a sweep) sets k at once: no synchronous measuring calls.
+        self.measure_key = (pipe, self.mode, run.batch_size, _fit_data.batch_signature(data))
+        if self.schedule.auto and self.mode != "host" and self.measure_key in _STEP_SECONDS:
+            self.schedule.measured(_STEP_SECONDS[self.measure_key], plan["log_every"])
         self.prefetcher: _fit_data.Prefetcher | None = None
         self._state = state  # typed; in "device"/"stream" mode replaced by raw, donated copies
         self._raw: Any = None
@@ -624,16 +630,17 @@ class _Loop:
         self.bar.update(n)
         epoch_end = (run.steps_per_epoch and run.step % run.steps_per_epoch == 0) or run.step == run.total_steps
         crossing = any(run.step // p > first // p for p in _every(self.pipe)) if self.step_hooks else False
-        measuring = schedule.auto and self.calls <= 2 and self.mode != "host"
+        measuring = schedule.auto and self.measure_key not in _STEP_SECONDS and self.calls <= 2 and self.mode != "host"
         # A call whose hooks may save, or that ends an epoch, is read back now: a non-finite step is
         # found before any hook sees the state. Otherwise metrics come back one call late.
         self.read_back(keep_last=not (sync or measuring or crossing or epoch_end))
         if self.nonfinite is not None:
             return False
         if measuring and self.calls == 2:
-            schedule.measured((time.perf_counter() - started) / n, self.plan["log_every"])
+            _STEP_SECONDS[self.measure_key] = (time.perf_counter() - started) / n
+            schedule.measured(_STEP_SECONDS[self.measure_key], self.plan["log_every"])
             self._describe()
-        elif self.calls == 1 and not schedule.auto:
+        elif self.calls == 1 and not measuring:
             self._describe()
         if self.step_hooks:
             per_step = self.k_reason == "a hook sees every step"  # as before: each metric a scalar
