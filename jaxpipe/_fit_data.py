@@ -69,7 +69,8 @@ def check_data(data: Any) -> None:
 def batch_signature(data: Any) -> Any:
     """Hashable shapes and dtypes of a dict of arrays (per example), or the type of an iterable."""
     if isinstance(data, Mapping):
-        return tuple((k, np.shape(v)[1:], str(getattr(v, "dtype", ""))) for k, v in sorted(data.items(), key=lambda kv: str(kv[0])))
+        items = sorted(data.items(), key=lambda kv: str(kv[0]))
+        return tuple((k, np.shape(v)[1:], str(getattr(v, "dtype", ""))) for k, v in items)
     return type(data).__name__
 
 
