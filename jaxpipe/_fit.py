@@ -485,6 +485,7 @@ class _Loop:
             explicit, self.k_reason = 1, "a hook sees every step"
         self.schedule = _Schedule(explicit, run.steps_per_epoch, run.total_steps, _every(pipe))
         self.step_hooks = bool(hook.jaxpipe_fit_step.get_hookimpls())
+        self.every = _every(pipe)
         self.place_hooks = bool(hook.jaxpipe_place_batch.get_hookimpls())
         self.codec = _fit_program.KeyCodec.of(state)
         self.compiled = _fit_program.step_function(pipe) is not None
@@ -510,7 +511,12 @@ class _Loop:
 
     def state(self) -> Any:
         """The state as the caller and hooks see it: typed keys."""
-        return self._state if self._raw is None else self.codec.typed(self._raw)
+        if self._raw is None:
+            return self._state
+        try:
+            return self.codec.typed(self._raw)
+        except RuntimeError:  # a call failed after its input was donated: the caller's state is what is left
+            return self._state
 
     # --- training ---------------------------------------------------------------------------
 
@@ -629,7 +635,7 @@ class _Loop:
         self.pending.append((first, n, rows))
         self.bar.update(n)
         epoch_end = (run.steps_per_epoch and run.step % run.steps_per_epoch == 0) or run.step == run.total_steps
-        crossing = any(run.step // p > first // p for p in _every(self.pipe)) if self.step_hooks else False
+        crossing = any(run.step // p > first // p for p in self.every) if self.step_hooks else False
         measuring = schedule.auto and self.measure_key not in _STEP_SECONDS and self.calls <= 2 and self.mode != "host"
         # A call whose hooks may save, or that ends an epoch, is read back now: a non-finite step is
         # found before any hook sees the state. Otherwise metrics come back one call late.

@@ -125,6 +125,15 @@ def test_an_iterable_is_streamed_in_its_own_order(trainer, data):
     np.testing.assert_array_equal(final.params["w"], state.params["w"])
 
 
+def test_a_pipeline_without_jit_is_called_as_built(data):
+    eager = Pipeline(linear_loss).optimize(optax.sgd(0.05))
+    calls = Calls()
+    final = eager.fit(start(eager, data), data, epochs=2, batch_size=BATCH, progress=False, hooks=[calls])
+    assert int(final.step) == 14 and "the pipeline called as built" in calls.run.per_call
+    want = host_order_fit(eager.jit(), start(eager, data), data, 14)
+    np.testing.assert_allclose(final.params["w"], want.params["w"], rtol=1e-6)
+
+
 # --- the non-finite guard ---------------------------------------------------------------------------
 
 
@@ -179,6 +188,13 @@ def test_on_nonfinite_raise_keeps_the_checkpoints_from_before(diverging, data, t
         pipe.fit(start(diverging, data), data, epochs=3, batch_size=BATCH, progress=False)
     saved = sorted(int(p.name) for p in (tmp_path / "ckpt").iterdir() if p.name.isdigit())
     assert saved == [8, 10]  # keep=2 never rotated a good one out for a bad one
+
+
+def test_the_guard_without_jit_keeps_the_state_before_the_call(data):
+    eager = Pipeline(linear_loss).optimize(optax.sgd(30.0))
+    with pytest.raises(PipelineError, match=r"at step 12 \(epoch 2, batch 5 of 7\)") as caught:
+        eager.fit(start(eager, data), data, epochs=3, batch_size=BATCH, progress=False)
+    assert int(caught.value.state.step) == DIVERGES_AT - 1 and np.isfinite(caught.value.state.params["w"]).all()
 
 
 def test_on_nonfinite_ignore_trains_on(diverging, data):
