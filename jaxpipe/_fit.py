@@ -275,6 +275,7 @@ def fit(
         supplied = hook.jaxpipe_fit_progress(run=run) if progress is True else None  # e.g. the dashboard
         bar = supplied if supplied is not None else _progress(progress, total, run.step)
         loop = _Loop(pipe, run, hook, bar, state, data, plan)
+        loop.own_bar = supplied is None
         hook.jaxpipe_fit_start(run=run, state=state)
         # Ctrl-C (or a kernel interrupt from the dashboard's Stop button) stays "stop after this call"
         # until the end hooks have saved: a late one must not cut a checkpoint short.
@@ -497,6 +498,7 @@ class _Loop:
                 self.mode = "device" if on_device else "stream"
         self.why = why
         self.calls = 0
+        self.own_bar = True
         # The step time measured by an earlier fit of this pipeline on batches like these (a notebook's
         # next run, a sweep) sets k at once: no synchronous measuring calls.
         self.measure_key = (pipe, self.mode, run.batch_size, _fit_data.batch_signature(data))
@@ -643,7 +645,12 @@ class _Loop:
         if self.nonfinite is not None:
             return False
         if measuring and self.calls == 2:
-            _STEP_SECONDS[self.measure_key] = (time.perf_counter() - started) / n
+            seconds = (time.perf_counter() - started) / n
+            if jax.process_count() > 1:  # every process must run calls of the same length: take process 0's
+                from jax.experimental import multihost_utils
+
+                seconds = float(multihost_utils.broadcast_one_to_all(np.float64(seconds)))
+            _STEP_SECONDS[self.measure_key] = seconds
             schedule.measured(_STEP_SECONDS[self.measure_key], self.plan["log_every"])
             self._describe()
         elif self.calls == 1 and not measuring:
@@ -662,7 +669,7 @@ class _Loop:
         k = self.schedule.k
         per = "step" if k == 1 else "steps"
         self.run.per_call = f"{k} {per} per call ({self.k_reason}), {self.why}"
-        if not getattr(self.bar, "disable", False):
+        if self.own_bar and not getattr(self.bar, "disable", False):  # a supplied display shows run.per_call itself
             self.bar.write(f"fit: {self.run.per_call}")
 
     def _rows(self, rows: jax.Array, n: int, names: list[str]) -> Callable[[], tuple[list[str], np.ndarray]]:
