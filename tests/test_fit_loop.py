@@ -365,3 +365,43 @@ def test_history_keeps_steps_and_epochs():
     assert math.isclose(table["epochs"]["loss"][0], sum(table["steps"]["loss"][:4]) / 4)
     assert table["epochs"]["eval_accuracy"][-1] > 0.8
     assert all(type(v) is list for part in table.values() for v in part.values())
+
+
+# --- stopping and resuming ------------------------------------------------------------------------------
+
+
+def test_ctrl_c_stops_after_the_current_call_with_several_steps_per_call(trainer, data):
+    import os
+    import signal
+
+    class InterruptFirst(Calls):
+        @jaxpipe.hookimpl
+        def jaxpipe_fit_step(self, run, state, metrics):
+            super().jaxpipe_fit_step(run, state, metrics)
+            if len(self.ends) == 1:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    calls = InterruptFirst()
+    stopped = trainer.fit(start(trainer, data), data, epochs=3, batch_size=BATCH, progress=False, hooks=[calls])
+    assert calls.run.interrupted and int(stopped.step) == calls.ends[-1] == calls.ends[0] < 21
+    np.testing.assert_array_equal(
+        stopped.params["w"], host_order_fit(trainer, start(trainer, data), data, int(stopped.step)).params["w"]
+    )
+
+
+def test_resume_false_reaches_the_hooks(trainer, data):
+    class Seen:
+        resume = None
+
+        @jaxpipe.hookimpl
+        def jaxpipe_fit_resume(self, run, state):
+            Seen.resume = run.resume
+
+    trainer.fit(start(trainer, data), data, epochs=1, batch_size=BATCH, progress=False, hooks=[Seen()], resume=False)
+    assert Seen.resume is False
+
+
+def test_device_data_true_needs_a_dict_of_arrays(trainer, data):
+    batches = [{k: v[i : i + BATCH] for k, v in data.items()} for i in range(0, N, BATCH)]
+    with pytest.raises(PipelineError, match=r"`device_data=True` puts a dict of arrays on the device"):
+        trainer.fit(start(trainer, data), batches, progress=False, device_data=True)
