@@ -34,6 +34,7 @@ def _probe(*args: Any) -> Any:  # a function to see whether a stage leaves its i
     return args
 
 
+@functools.lru_cache(maxsize=32)  # one wrapped step per pipeline, as the compiled program is
 def step_function(pipe: Pipeline) -> Callable[..., Any] | None:
     """The pipeline's one training step, not jitted: all stages but ``.scan`` and ``.jit``.
 
