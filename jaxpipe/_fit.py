@@ -388,7 +388,8 @@ def _positive_int(value: Any) -> bool:
 
 def _say_complete(pipe: Pipeline, run: FitRun, resumed: bool) -> None:
     checkpoint = next((s for s in pipe.stages if s.name == "checkpoint"), None)
-    source = "the checkpoint in " + repr(checkpoint.options.get("directory")) if resumed and checkpoint else "the state"
+    directory = checkpoint.options.get("directory") if checkpoint else None
+    source = f"the checkpoint in {str(directory)!r}" if resumed and directory is not None else "the state"
     print(
         f"fit: the run is already complete: {source} is at step {run.step} of {run.total_steps} "
         f"({run.epochs} epochs); nothing to train. To train more, raise `epochs` (e.g. epochs={run.epochs * 2}); "

@@ -405,3 +405,18 @@ def test_device_data_true_needs_a_dict_of_arrays(trainer, data):
     batches = [{k: v[i : i + BATCH] for k, v in data.items()} for i in range(0, N, BATCH)]
     with pytest.raises(PipelineError, match=r"`device_data=True` puts a dict of arrays on the device"):
         trainer.fit(start(trainer, data), batches, progress=False, device_data=True)
+
+
+@pytest.mark.parametrize("device_data", [True, False])
+def test_data_parallel_with_rows_the_mesh_does_not_divide(trainer, data, device_data):
+    """60 examples on 8 devices: the data on the device is padded to 64 rows that no permutation picks."""
+    mesh = jax.make_mesh((8,), ("data",))
+    rows = {k: v[:60] for k, v in data.items()}
+    sharded = Pipeline(linear_loss).optimize(optax.sgd(0.05)).data_parallel(mesh).jit()
+    calls = Calls()
+    got = sharded.fit(
+        start(sharded, rows), rows, epochs=2, batch_size=16, progress=False, device_data=device_data, hooks=[calls]
+    )
+    want = trainer.fit(start(trainer, rows), rows, epochs=2, batch_size=16, progress=False)
+    assert int(got.step) == 6 and ("on the device" in calls.run.per_call) == device_data
+    np.testing.assert_allclose(np.asarray(got.params["w"]), np.asarray(want.params["w"]), rtol=2e-5, atol=2e-6)
