@@ -175,8 +175,9 @@ def program(
             new, row, finite = one_step(state, batch_at(state, i))
             if guard:  # a non-finite step changes nothing and ends the loop
                 ok = finite
-                # Behind an optimization barrier, so the select does not change how XLA fuses the step
-                # (and so its rounding): the guarded step is bit-identical to the unguarded one.
+                # A cond, not a select: a select of the new and old state (even behind an optimization
+                # barrier) changed how XLA's CPU backend fused the step and so its last bit; a cond keeps
+                # the guarded step bit-identical to the unguarded one (tests/test_fit_order.py).
                 new = jax.lax.cond(finite, lambda: new, lambda: state)
             return i + 1, ok, new, rows.at[i].set(row)
 
