@@ -568,12 +568,15 @@ class _Loop:
             if epoch not in orders:
                 orders = {epoch: _fit_program.epoch_order_on_device(data_key, epoch, size)}
             started = time.perf_counter()
+            full = self._full_call(n, n)
+            call = full.call if full is not None else program.call
             try:
-                self._raw, self.ok, rows = program.call(self._raw, self.ok, n, data, orders[epoch])
+                self._raw, self.ok, rows = call(self._raw, self.ok, n, data, orders[epoch])
             except Exception as err:
                 self._explain(err)
                 raise
-            if not self._after_call(n, self._rows(rows, n, program.names), started, data_state=None):
+            names = full.names if full is not None else program.names
+            if not self._after_call(n, self._rows(rows, n, names), started, data_state=None):
                 return
 
     def _train_groups(self) -> None:
@@ -607,13 +610,14 @@ class _Loop:
                 if not go_on:
                     return
                 continue
-            program = _fit_program.program(
+            capacity = jax.tree.leaves(batches)[0].shape[0]
+            program = self._full_call(n, capacity) or _fit_program.program(
                 self.pipe,
                 self.codec,
                 gather=False,
                 batch_size=run.batch_size or 0,
                 steps_per_epoch=run.steps_per_epoch or 0,
-                capacity=jax.tree.leaves(batches)[0].shape[0],
+                capacity=capacity,
                 guard=self.guard,
             )
             try:
@@ -624,6 +628,23 @@ class _Loop:
             rows = self._rows(out, n, program.names)
             if not self._after_call(n, rows, started, data_state=data_state):
                 return
+
+    def _full_call(self, n: int, rows: int) -> _fit_program.Program | None:
+        """The fixed-length program for a call of k steps (``rows`` batches), once k is known; else None."""
+        k = self.schedule.k
+        if n != k or rows != k or k == 1 or (self.schedule.auto and self.measure_key not in _STEP_SECONDS):
+            return None
+        run = self.run
+        return _fit_program.program(
+            self.pipe,
+            self.codec,
+            gather=self.mode == "device",
+            batch_size=run.batch_size or 0,
+            steps_per_epoch=run.steps_per_epoch or 0,
+            capacity=k,
+            guard=self.guard,
+            static=True,
+        )
 
     # --- after each call ------------------------------------------------------------------
 

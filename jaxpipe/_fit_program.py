@@ -123,7 +123,7 @@ def _row(metrics: dict[str, Any], names: list[str]) -> tuple[jax.Array, jax.Arra
     return row, finite
 
 
-@functools.lru_cache(maxsize=16)
+@functools.lru_cache(maxsize=32)
 def program(
     pipe: Pipeline,
     codec: KeyCodec,
@@ -133,11 +133,16 @@ def program(
     steps_per_epoch: int,
     capacity: int,
     guard: bool,
+    static: bool = False,
 ) -> Program:
     """The jitted ``(state, ok, n, source...) -> (state, ok, metrics)`` for ``pipe``.
 
     ``gather``: the source is ``(data, order)``: the data set on the device and
     this epoch's permutation; otherwise it is ``batches``, stacked on axis 0.
+    ``static``: exactly ``capacity`` steps in a ``jax.lax.scan`` (``n`` unused),
+    for the full calls: a loop whose length XLA knows needs no host round trip
+    per step on a GPU. Otherwise a ``while_loop`` of ``n <= capacity`` steps
+    (first calls, remainders), which stops at a non-finite step.
     """
     step = step_function(pipe)
     assert step is not None
@@ -162,6 +167,19 @@ def program(
 
             def batch_at(state: Any, i: jax.Array) -> Any:
                 return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, keepdims=False), batches)
+
+        if static:
+
+            def scan_body(carry: Any, i: jax.Array) -> Any:
+                ok, state = carry
+                new, row, finite = one_step(state, batch_at(state, i))
+                if guard:  # from a non-finite step on, the state stays as it was (see the cond below)
+                    ok = ok & finite
+                    new = jax.lax.cond(ok, lambda: new, lambda: state)
+                return (ok, new), row
+
+            (ok, state), rows = jax.lax.scan(scan_body, (ok, state), jnp.arange(capacity, dtype=jnp.int32))
+            return state, ok, rows
 
         _, row_shape, _ = jax.eval_shape(one_step, state, batch_at(state, jnp.int32(0)))
         rows = jnp.zeros((capacity, *row_shape.shape), row_shape.dtype)
