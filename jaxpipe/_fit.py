@@ -529,7 +529,7 @@ class _Loop:
             return
         if self.mode != "host":
             # One copy of the caller's state; every call then donates its input (nothing allocated per step).
-            self._raw = jax.tree.map(jnp.copy, self.codec.raw(self._state))
+            self._raw = _copy(self.codec.raw(self._state))
             self.ok = jnp.bool_(True)
         if self.mode == "device":
             self._train_on_device()
@@ -841,6 +841,12 @@ class _Loop:
             _place_stage_error(self.pipe, err)
             return
         raise explained from err
+
+
+@jax.jit
+def _copy(tree: Any) -> Any:
+    """A fresh copy of every array, in one dispatch (the caller keeps the originals; fit donates the copy)."""
+    return jax.tree.map(jnp.copy, tree)
 
 
 def _pad(stacked: Any, rows: int) -> Any:
