@@ -11,6 +11,7 @@ from jaxpipe._cache import enable_compilation_cache as enable_compilation_cache
 from jaxpipe._fit import FitRun as FitRun
 from jaxpipe._fit import evaluate as evaluate
 from jaxpipe._fit import fit as fit
+from jaxpipe._history import History as History
 from jaxpipe._inspect import Cost as Cost
 from jaxpipe._inspect import Memory as Memory
 from jaxpipe._inspect import Timing as Timing

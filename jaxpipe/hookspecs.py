@@ -212,15 +212,22 @@ def jaxpipe_fit_start(run: FitRun, state: TrainState) -> None:
 
 @hookspec
 def jaxpipe_fit_step(run: FitRun, state: TrainState, metrics: dict[str, Any]) -> None:
-    """Called after every training step (every call, for ``.scan(k)``).
+    """Called after every compiled call of the training step.
+
+    ``fit`` runs several steps per call (``.scan(k)``'s k, or as many as take
+    about 0.2 s; calls end at epoch ends and at multiples of a stage's
+    ``every``). A hook given to ``fit(hooks=...)`` or a plugin keeps one step
+    per call unless its object says ``accepts_calls = True``.
 
     Args:
       run: the :class:`~jaxpipe.FitRun`; ``run.step`` is the state's step.
-      state: the state after the step.
-      metrics: that step's metrics as JAX arrays, still being computed (each
-        with a leading axis of k under ``.scan(k)``); ``float()`` waits for
-        the step, so read them only when needed. ``run.history`` holds them as
-        floats, read back every ``log_every`` steps.
+      state: the state after the call; its arrays are donated to the next
+        call, so copy what you keep (``jax.device_get(state)``).
+      metrics: the call's metrics as JAX arrays, still being computed, each
+        with a leading axis of the call's steps (scalars for a hook that
+        keeps one step per call); ``float()`` waits for the
+        call, so read them only when needed. ``run.history`` holds them as
+        ``{"step", "epoch", **metrics}`` rows, read back one call late.
     """
 
 

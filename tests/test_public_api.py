@@ -23,6 +23,7 @@ PUBLIC: dict[str, set[str]] = {
         "CompileEvents",
         "Cost",
         "FitRun",
+        "History",
         "KeyTree",
         "Memory",
         "ParamSummary",
