@@ -14,10 +14,11 @@ iterator each epoch. A ``MapDataset`` says how many batches a pass has (its
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 from jaxpipe.errors import PipelineError
+
+_ENDLESS = 2**40  # batches: more than any pass reads; Grain's endless repeat has sys.maxsize elements
 
 
 def is_grain(data: Any) -> bool:
@@ -29,15 +30,16 @@ def as_batches(data: Any) -> Any:
     """``data`` as ``fit`` reads it: an iterable of batches whose iterator can save its position.
 
     Anything not from Grain is returned unchanged. A ``MapDataset`` repeated
-    without end (``.repeat()``, whose ``len`` is ``sys.maxsize``) becomes its
-    ``IterDataset``, so ``fit`` does not plan ``sys.maxsize`` steps per epoch.
+    without end (``.repeat()`` makes its ``len`` ``sys.maxsize``, divided by
+    any later batching) becomes its ``IterDataset``, so ``fit`` does not plan
+    that many steps per epoch but trains until stopped.
     """
     if not is_grain(data):
         return data
     import grain
 
     if isinstance(data, grain.MapDataset):
-        return data.to_iter_dataset() if len(data) >= sys.maxsize else data
+        return data.to_iter_dataset() if len(data) >= _ENDLESS else data
     if isinstance(data, (grain.IterDataset, grain.DataLoader, grain.DatasetIterator, grain.DataLoaderIterator)):
         return data
     raise PipelineError(
