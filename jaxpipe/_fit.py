@@ -1,9 +1,14 @@
-"""``Pipeline.fit``: the training loop, its data order, and its hooks.
+"""``Pipeline.fit``: the training loop and its hooks.
+
+``fit`` is a data plan (``_fit_data``: where batches come from) feeding a small
+loop (:class:`_Loop`: launch a call, read metrics back one call late, end
+epochs, stop) that calls one compiled many-step program (``_fit_program``).
 
 The loop is exactly resumable: the batches of epoch ``e`` come from a
 permutation keyed by ``fold_in(state.data_key, e)``, and the position in the
 data is a function of ``state.step``; so a run restored from a checkpoint at
-step ``s`` sees the batches an uninterrupted run would have seen.
+step ``s`` sees the batches an uninterrupted run would have seen, bit for bit,
+however many steps each call runs.
 """
 
 from __future__ import annotations
@@ -12,18 +17,28 @@ import contextlib
 import dataclasses
 import functools
 import signal
+import sys
 import threading
+import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from jaxpipe import _fit_data, _fit_program
+from jaxpipe._fit_data import check_arrays, epoch_order  # noqa: F401  (epoch_order: the documented order)
 from jaxpipe._train import TrainState, run_hooks, scan_steps
 from jaxpipe.errors import PipelineError
 
 if TYPE_CHECKING:
     from jaxpipe._pipeline import Pipeline
+
+_CALL_SECONDS = 0.2  # a call's target length: Ctrl-C and Stop act within about two calls
+_CAPACITY = 4096  # most steps in one call (the metrics buffer's rows)
+ON_NONFINITE = ("raise", "stop", "ignore")
 
 
 @dataclasses.dataclass
@@ -38,10 +53,17 @@ class FitRun:
       total_steps: the step the run ends at, if known.
       start_step: the step this call started from (after any resume).
       step: the state's step after the latest call.
-      history: one dict of float metrics per step, filled as ``fit`` runs.
-      eval_history: one dict of eval metrics per epoch with an eval set.
-      interrupted: whether Ctrl-C or :meth:`stop` ended the run early.
+      history: one row per step, ``{"step": int, "epoch": int, **metrics}``
+        (epochs counted from 1), filled as ``fit`` reads metrics back.
+      eval_history: one row per epoch with an eval set, ``{"step", "epoch", **eval metrics}``.
+      interrupted: whether Ctrl-C, :meth:`stop` or a non-finite step ended the run early.
       error: the exception that ended the run, if a step failed.
+      resume: whether a checkpoint may be restored (``fit(..., resume=False)`` starts over).
+      data_state: for an iterator with ``get_state()``/``set_state()`` (Grain's),
+        its JSON-able state right after the batches trained so far.
+      resumed_data_state: set by a checkpointer that restored a saved
+        ``data_state``; ``fit`` then calls ``set_state`` instead of skipping batches.
+      per_call: what one compiled call runs, e.g. ``"20 steps, data on the device"``.
     """
 
     pipeline: Any
@@ -51,14 +73,18 @@ class FitRun:
     total_steps: int | None
     start_step: int = 0
     step: int = 0
-    history: list[dict[str, float]] = dataclasses.field(default_factory=list)
-    eval_history: list[dict[str, float]] = dataclasses.field(default_factory=list)
+    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    eval_history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     interrupted: bool = False
     error: BaseException | None = None
+    resume: bool = True
+    data_state: Any = None
+    resumed_data_state: Any = None
+    per_call: str = ""
     _stop: threading.Event = dataclasses.field(default_factory=threading.Event, repr=False)
 
     def stop(self) -> None:
-        """Ends training cleanly after the current step (thread-safe)."""
+        """Ends training cleanly after the current call (thread-safe)."""
         self._stop.set()
 
     @property
@@ -67,80 +93,32 @@ class FitRun:
 
     @property
     def epoch(self) -> int:
-        """The epoch the next step belongs to."""
+        """The epoch the next step belongs to, counted from 0 (as ``fold_in`` sees it)."""
         return self.step // self.steps_per_epoch if self.steps_per_epoch else 0
 
     @property
     def position(self) -> dict[str, int]:
-        """Where in the data the next step starts: epoch and batch within it."""
+        """Where in the data the next step starts: epoch and batch within it, counted from 0."""
         per_epoch = self.steps_per_epoch or 0
         return {"epoch": self.epoch, "batch": self.step % per_epoch if per_epoch else self.step}
+
+    def where(self, step: int) -> str:
+        """``step`` (a count of steps, the n-th step) as a person reads it: "step 38 (epoch 2, batch 3 of 7)"."""
+        if not self.steps_per_epoch:
+            return f"step {step} (batch {step} of the data)"
+        epoch, batch = divmod(step - 1, self.steps_per_epoch)
+        return f"step {step} (epoch {epoch + 1}, batch {batch + 1} of {self.steps_per_epoch})"
+
+    def epoch_of(self, step: int) -> int:
+        """The epoch (from 1) that the ``step``-th step belongs to."""
+        return (step - 1) // self.steps_per_epoch + 1 if self.steps_per_epoch else 1
 
 
 # --- data ---------------------------------------------------------------------
 
 
 def _check_arrays(data: Mapping[str, Any], what: str) -> int:
-    sizes: dict[str, int | None] = {key: np.shape(value)[0] if np.ndim(value) else None for key, value in data.items()}
-    size = next(iter(sizes.values()), None)
-    if size is None or len(set(sizes.values())) != 1:
-        raise PipelineError(
-            f"`fit` needs {what} as a dict of arrays with the same number of examples along axis 0, "
-            f"got sizes {sizes}.\nGive e.g. {{'image': x_train, 'label': y_train}}."
-        )
-    return size
-
-
-def epoch_order(data_key: jax.Array, epoch: int, size: int) -> np.ndarray:
-    """The example order of ``epoch``: a permutation keyed by (data_key, epoch)."""
-    if isinstance(data_key, jax.Array) and len(data_key.sharding.device_set) > 1 and data_key.is_fully_replicated:
-        data_key = data_key.addressable_data(0)  # a key replicated over a mesh: shuffle on one local device
-    return np.asarray(jax.random.permutation(jax.random.fold_in(data_key, epoch), size))
-
-
-def _array_calls(
-    data: Mapping[str, Any],
-    state: TrainState,
-    batch_size: int,
-    per_call: int,
-    steps_per_epoch: int,
-    start: int,
-    end: int,
-) -> Iterator[tuple[int, Any]]:
-    """(steps in the call, batch or stacked batches) from step ``start`` to ``end``."""
-    host = {key: np.asarray(value) for key, value in data.items()}
-    size = next(iter(host.values())).shape[0]
-    step = start
-    while step < end:
-        epoch, offset = divmod(step, steps_per_epoch)
-        order = epoch_order(state.data_key, epoch, size)[: steps_per_epoch * batch_size]
-        while offset < steps_per_epoch and step < end:
-            count = min(per_call, steps_per_epoch - offset, end - step)
-            index = order[offset * batch_size : (offset + count) * batch_size]
-            if per_call > 1:
-                index = index.reshape(count, batch_size)
-            yield count, {key: value[index] for key, value in host.items()}
-            offset += count
-            step += count
-
-
-def _iterable_calls(data: Iterable[Any], per_call: int, skip: int, end: int | None) -> Iterator[tuple[int, Any]]:
-    """Batches from an iterable, skipping the ``skip`` already trained on."""
-    iterator = iter(data)
-    for _ in range(skip):
-        next(iterator, None)
-    step = skip
-    while end is None or step < end:
-        group = [
-            b for _, b in zip(range(per_call if end is None else min(per_call, end - step)), iterator, strict=False)
-        ]
-        if not group:
-            return
-        if per_call > 1:
-            yield len(group), jax.tree.map(lambda *xs: np.stack(xs), *group)
-        else:
-            yield 1, group[0]
-        step += len(group)
+    return check_arrays(data, what, argument="eval_data")
 
 
 # --- evaluation ------------------------------------------------------------------
@@ -187,7 +165,7 @@ def evaluate(
 
 @contextlib.contextmanager
 def _graceful_interrupt(run: FitRun) -> Iterator[None]:
-    """First Ctrl-C: stop after the current step. Second: interrupt at once."""
+    """First Ctrl-C: stop after the current call. Second: interrupt at once."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -225,8 +203,19 @@ def fit(
     progress: bool | Callable[..., Any] = True,
     log_every: int = 10,
     hooks: Sequence[object] = (),
+    device_data: bool | str = "auto",
+    on_nonfinite: str = "raise",
+    resume: bool = True,
 ) -> TrainState:
     """Trains ``state`` until the run's total of ``epochs`` epochs.
+
+    A pipeline ending in a plain ``.jit()`` runs several steps per compiled
+    call (``.scan(k)``'s k, else as many as take about 0.2 s, measured on the
+    first calls; calls end at epoch ends, at multiples of a stage's ``every``
+    such as ``.checkpoint(every=...)``, and at multiples of ``log_every``), with
+    the state donated from call to call (the caller's ``state`` stays valid).
+    The batches, and so the result, are the same bit for bit however the steps
+    are grouped into calls.
 
     Args:
       pipe: a pipeline whose built function is a step ``(state, batch) ->
@@ -235,7 +224,8 @@ def fit(
       state: the state to start from; a ``.checkpoint()`` stage may resume a
         newer one from disk.
       data: a dict of arrays, shuffled each epoch, or an iterable of batches
-        (taken in order; a resumed run skips those already trained on).
+        (taken in order; a resumed run skips those already trained on, or
+        restores the iterator's position when it has ``get_state``/``set_state``).
       epochs: the run's total: a run resumed at step ``s`` continues to the
         same end rather than adding epochs.
       batch_size: examples per step (needed for a dict of arrays; the last
@@ -245,104 +235,557 @@ def fit(
         eval set in one call (one compile, no partial last batch).
       progress: show a progress bar (text in a terminal, a widget in Jupyter),
         or a ``tqdm``-like factory.
-      log_every: steps between metric read-backs from the device.
+      log_every: steps between updates of the progress line and
+        ``run.history``, at least (metrics come back once per call).
       hooks: objects with ``@jaxpipe.hookimpl`` methods (a logger, a
-        dashboard) called during this run only, like plugins.
+        dashboard, :class:`jaxpipe.History`) called during this run only, like
+        plugins. The state a hook receives is donated to the next call: copy
+        what you keep (``jax.device_get``).
+      device_data: put a dict of arrays on the device(s) once and gather the
+        batches there (True), stream them from the host a call ahead (False),
+        or decide from the data's size and the device's free memory ("auto").
+      on_nonfinite: what a step whose metrics (loss, grad norm, ...) are not
+        all finite does. ``"raise"`` (default): the run ends, the end hooks see
+        the state from before that step (a checkpointer does not save after an
+        error), and a PipelineError names the step and the metric; the state
+        from before the step is its ``state`` attribute. ``"stop"``: the run
+        ends like a Ctrl-C (the end hooks may save that finite state) and
+        ``fit`` warns and returns it. ``"ignore"``: train on.
+      resume: False starts over: a checkpointer does not restore (``run.resume``).
 
     Returns:
-      The final state; after Ctrl-C, the state after the last completed step.
+      The final state; after Ctrl-C, the state after the last completed call.
     """
-    if not isinstance(state, TrainState):
-        raise PipelineError(
-            f"`fit` needs the TrainState from `init`, got {type(state).__name__}.\n"
-            f"Call state = trainer.init(jax.random.key(0), sample_batch) first.",
-            pipeline=repr(pipe),
-        )
-    if not isinstance(epochs, int) or epochs < 1:
-        raise PipelineError(f"`epochs` must be a positive int, got {epochs!r}.", pipeline=repr(pipe))
-    per_call = scan_steps(pipe)
-    if isinstance(data, Mapping):
-        size = _check_arrays(data, "training data")
-        if not isinstance(batch_size, int) or not 1 <= batch_size <= size:
-            raise PipelineError(
-                f"`fit` on a dict of arrays needs `batch_size`, an int from 1 to the {size} examples in "
-                f"the data; got {batch_size!r}.\nFor example batch_size={min(128, size)}.",
-                pipeline=repr(pipe),
-            )
-        steps_per_epoch: int | None = size // batch_size
-    else:
-        steps_per_epoch = len(data) if hasattr(data, "__len__") else None  # type: ignore[arg-type]
-    total = epochs * steps_per_epoch if steps_per_epoch is not None else None
-    run = FitRun(pipe, epochs, batch_size, steps_per_epoch, total)
+    plan = _plan(
+        pipe, state, data, epochs, batch_size, eval_data, eval_batch_size, log_every, device_data, on_nonfinite
+    )
+    steps_per_epoch, total = plan["steps_per_epoch"], plan["total"]
+    run = FitRun(pipe, epochs, batch_size, steps_per_epoch, total, resume=bool(resume))
     with run_hooks(pipe, hooks) as hook:
         resumed = hook.jaxpipe_fit_resume(run=run, state=state)
         state = state if resumed is None else resumed
         placed = hook.jaxpipe_place_state(pipeline=pipe, state=state)
         state = state if placed is None else placed
-        whole_batches = isinstance(data, Mapping)  # every process holds the whole data set
         run.start_step = run.step = int(state.step)
-        if isinstance(data, Mapping):
-            assert steps_per_epoch is not None and total is not None and batch_size is not None
-            calls = _array_calls(data, state, batch_size, per_call, steps_per_epoch, run.step, total)
-        else:
-            epochs_of_data = 1 if steps_per_epoch is None else epochs
-            source = (b for _ in range(epochs_of_data) for b in data) if epochs_of_data > 1 else data
-            calls = _iterable_calls(source, per_call, run.step, total)
+        if total is not None and run.step >= total:
+            _say_complete(pipe, run, resumed is not None)
         supplied = hook.jaxpipe_fit_progress(run=run) if progress is True else None  # e.g. the dashboard
         bar = supplied if supplied is not None else _progress(progress, total, run.step)
-        pending: list[tuple[int, Any]] = []
-
-        def read_back() -> None:
-            for count, metrics in jax.device_get(pending):
-                rows = [{k: float(np.ravel(v)[i]) for k, v in metrics.items()} for i in range(count)]
-                run.history.extend(rows)
-            if pending and run.history:
-                bar.set_postfix({k: f"{v:.4g}" for k, v in run.history[-1].items()}, refresh=False)
-            pending.clear()
-
+        loop = _Loop(pipe, run, hook, bar, state, data, plan)
         hook.jaxpipe_fit_start(run=run, state=state)
-        # Ctrl-C (or a kernel interrupt from the dashboard's Stop button) stays "stop after this step"
+        # Ctrl-C (or a kernel interrupt from the dashboard's Stop button) stays "stop after this call"
         # until the end hooks have saved: a late one must not cut a checkpoint short.
         with _graceful_interrupt(run):
             try:
-                for count, batch in calls:
-                    epoch_before = run.epoch
-                    on_devices = hook.jaxpipe_place_batch(run=run, batch=batch, whole=whole_batches)
-                    state, metrics = pipe(state, batch if on_devices is None else on_devices)
-                    run.step += count
-                    pending.append((count, metrics))
-                    bar.update(count)
-                    hook.jaxpipe_fit_step(run=run, state=state, metrics=metrics)
-                    if len(pending) * per_call >= log_every:
-                        read_back()
-                    if run.epoch != epoch_before or run.step == total:
-                        read_back()
-                        _end_epoch(pipe, run, state, eval_data, eval_batch_size, bar, hook)
-                    if run.stop_requested:
-                        run.interrupted = True
-                        break
-                else:
-                    if total is None and run.step > run.start_step:  # the end of data of unknown length
-                        read_back()
-                        _end_epoch(pipe, run, state, eval_data, eval_batch_size, bar, hook)
-                read_back()
+                loop.train()
             except BaseException as err:
                 run.error = err
+                if isinstance(err, PipelineError) and loop.nonfinite is not None:
+                    err.state = loop.state()  # type: ignore[attr-defined]
                 raise
             finally:
+                loop.close()
                 bar.close()
-                hook.jaxpipe_fit_end(run=run, state=state)
-    return state
+                hook.jaxpipe_fit_end(run=run, state=loop.state())
+    if loop.nonfinite is not None:
+        warnings.warn(loop.nonfinite, RuntimeWarning, stacklevel=3)
+    return loop.state()
 
 
-def _end_epoch(
-    pipe: Pipeline, run: FitRun, state: TrainState, eval_data: Any, batch_size: Any, bar: Any, hook: Any
-) -> None:
-    metrics: dict[str, float] = {}
+def _plan(
+    pipe: Pipeline,
+    state: Any,
+    data: Any,
+    epochs: Any,
+    batch_size: Any,
+    eval_data: Any,
+    eval_batch_size: Any,
+    log_every: Any,
+    device_data: Any,
+    on_nonfinite: Any,
+) -> dict[str, Any]:
+    """Checks every argument (each error names it, with what was given and a correct call); the run's sizes."""
+    where: dict[str, Any] = {"pipeline": repr(pipe)}
+    if not isinstance(state, TrainState):
+        raise PipelineError(
+            f"`fit` needs the TrainState from `init`, got {type(state).__name__}.\n"
+            f"Call state = trainer.init(jax.random.key(0), sample_batch) first.",
+            **where,
+        )
+    if not _positive_int(epochs):
+        raise PipelineError(f"`epochs` must be a positive int, got {epochs!r}.", **where)
+    try:
+        _fit_data.check_data(data)
+    except PipelineError as err:
+        raise PipelineError(err.detail, **where) from None
+    for name, value, example in (("log_every", log_every, 10), ("eval_batch_size", eval_batch_size, 256)):
+        if not (_positive_int(value) or (name == "eval_batch_size" and value is None)):
+            raise PipelineError(
+                f"`{name}` must be a positive int{' or None' if name == 'eval_batch_size' else ''}, got {value!r}.\n"
+                f"For example {name}={example}.",
+                **where,
+            )
+    if device_data not in (True, False, "auto"):
+        raise PipelineError(f'`device_data` must be True, False or "auto", got {device_data!r}.', **where)
+    if on_nonfinite not in ON_NONFINITE:
+        raise PipelineError(
+            f'`on_nonfinite` must be "raise", "stop" or "ignore", got {on_nonfinite!r}.\n'
+            f'For example on_nonfinite="stop" returns the last finite state with a warning.',
+            **where,
+        )
     if eval_data is not None:
-        metrics = {f"eval_{k}": v for k, v in evaluate(pipe, state, eval_data, batch_size).items()}
-        epoch = run.step // run.steps_per_epoch if run.steps_per_epoch else len(run.eval_history) + 1
-        run.eval_history.append({"epoch": float(epoch), "step": float(run.step), **metrics})
-        if not getattr(bar, "disable", False):
-            bar.write(f"epoch {epoch}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
-    hook.jaxpipe_fit_epoch_end(run=run, state=state, metrics=metrics)
+        if not isinstance(eval_data, Mapping):
+            raise PipelineError(
+                f"`eval_data` must be a dict of arrays, got {type(eval_data).__name__}.\n"
+                f"Give e.g. eval_data={{'image': x_test, 'label': y_test}}.",
+                **where,
+            )
+        try:
+            check_arrays(eval_data, "eval data", argument="eval_data")
+        except PipelineError as err:
+            raise PipelineError(err.detail, **where) from None
+    if isinstance(data, Mapping):
+        try:
+            size = check_arrays(data, "training data")
+        except PipelineError as err:
+            raise PipelineError(err.detail, **where) from None
+        if not _positive_int(batch_size) or batch_size > size:
+            raise PipelineError(
+                f"`fit` on a dict of arrays needs `batch_size`, an int from 1 to the {size} examples in "
+                f"the data; got {batch_size!r}.\nFor example batch_size={min(128, size)}.",
+                **where,
+            )
+        steps_per_epoch: int | None = size // batch_size
+    else:
+        if device_data is True:
+            raise PipelineError(
+                "`device_data=True` puts a dict of arrays on the device, but `data` is an iterable of batches "
+                "(streamed from the host a call ahead).\nPass the arrays as a dict, or leave device_data out.",
+                **where,
+            )
+        steps_per_epoch = len(data) if hasattr(data, "__len__") else None
+    total = epochs * steps_per_epoch if steps_per_epoch is not None else None
+    return {
+        "steps_per_epoch": steps_per_epoch,
+        "total": total,
+        "eval_data": eval_data,
+        "eval_batch_size": eval_batch_size,
+        "log_every": log_every,
+        "device_data": device_data,
+        "guard": on_nonfinite != "ignore",
+        "on_nonfinite": on_nonfinite,
+        "epochs": epochs,
+    }
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _say_complete(pipe: Pipeline, run: FitRun, resumed: bool) -> None:
+    checkpoint = next((s for s in pipe.stages if s.name == "checkpoint"), None)
+    source = "the checkpoint in " + repr(checkpoint.options.get("directory")) if resumed and checkpoint else "the state"
+    print(
+        f"fit: the run is already complete: {source} is at step {run.step} of {run.total_steps} "
+        f"({run.epochs} epochs); nothing to train. To train more, raise `epochs` (e.g. epochs={run.epochs * 2}); "
+        f"to start over, pass fit(..., resume=False) or use a new directory.",
+        file=sys.stderr,
+    )
+
+
+def _every(pipe: Pipeline) -> list[int]:
+    """Step periods the stages act on (an ``every`` option, e.g. ``.checkpoint(every=...)``), default included."""
+    periods = []
+    for stage in pipe.stages:
+        if stage.kind.run_hooks is None:
+            continue
+        parameter = stage.kind.signature.parameters.get("every")
+        value = stage.options.get("every", parameter.default if parameter is not None else None)
+        if _positive_int(value):
+            periods.append(value)
+    return periods
+
+
+class _Schedule:
+    """How many steps the next call runs: k, cut at epoch ends, the end and ``every`` periods."""
+
+    def __init__(self, explicit: int | None, steps_per_epoch: int | None, total: int | None, every: list[int]) -> None:
+        self.k = explicit or 1
+        self.auto = explicit is None
+        self.steps_per_epoch, self.total, self.every = steps_per_epoch, total, every if explicit is None else []
+        self.log_every = 1
+        self.capacity = explicit or min(steps_per_epoch or _CAPACITY, total or _CAPACITY, _CAPACITY)
+
+    def count(self, step: int) -> int:
+        n = self.k
+        if self.auto and n >= self.log_every:  # calls end on multiples of log_every
+            end = (step + n) // self.log_every * self.log_every
+            n = end - step if end > step else n
+        if self.steps_per_epoch:
+            n = min(n, self.steps_per_epoch - step % self.steps_per_epoch)
+        if self.total is not None:
+            n = min(n, self.total - step)
+        for period in self.every:
+            n = min(n, period - step % period)
+        return max(n, 1)
+
+    def measured(self, seconds_per_step: float, log_every: int) -> None:
+        """Sets k so that a call takes about ``_CALL_SECONDS``, aligned with ``log_every``."""
+        k = int(min(max(_CALL_SECONDS / max(seconds_per_step, 1e-9), 1), self.capacity))
+        if k >= log_every:
+            k -= k % log_every
+        elif k < self.capacity:  # a whole epoch per call needs no rounding
+            k = max(d for d in range(1, k + 1) if log_every % d == 0)
+        self.k, self.log_every = k, log_every
+
+
+class _Loop:
+    """One run's calls: launch, read metrics back one call late, end epochs, stop.
+
+    Modes: ``"device"`` (the data set on the device, batches gathered by the
+    compiled many-step program), ``"stream"`` (stacked host batches copied a
+    call ahead into the same kind of program) and ``"host"`` (a pipeline that
+    ``fit`` cannot re-compile, e.g. without ``.jit()``: called as built, as
+    ``fit`` always did).
+    """
+
+    def __init__(self, pipe: Pipeline, run: FitRun, hook: Any, bar: Any, state: Any, data: Any, plan: Any) -> None:
+        self.pipe, self.run, self.hook, self.bar, self.data, self.plan = pipe, run, hook, bar, data, plan
+        self.guard: bool = plan["guard"]
+        self.nonfinite: str | None = None
+        self.pending: list[tuple[int, int, Callable[[], tuple[list[str], np.ndarray]]]] = []
+        explicit = scan_steps(pipe) if any(s.name == "scan" for s in pipe.stages) else None
+        self.schedule = _Schedule(explicit, run.steps_per_epoch, run.total_steps, _every(pipe))
+        self.step_hooks = bool(hook.jaxpipe_fit_step.get_hookimpls())
+        self.place_hooks = bool(hook.jaxpipe_place_batch.get_hookimpls())
+        self.codec = _fit_program.KeyCodec.of(state)
+        self.compiled = _fit_program.step_function(pipe) is not None
+        self.mode, why = "host", "the pipeline called as built (no plain `.jit()`)"
+        if self.compiled:
+            self.mode, why = "stream", "batches streamed from the host"
+            if isinstance(data, Mapping):
+                on_device, why = _fit_data.choose_device_data(plan["device_data"], data, self._shards())
+                self.mode = "device" if on_device else "stream"
+        self.why = why
+        self.calls = 0
+        self.prefetcher: _fit_data.Prefetcher | None = None
+        self._state = state  # typed; in "device"/"stream" mode replaced by raw, donated copies
+        self._raw: Any = None
+        self.ok: Any = None
+
+    # --- the state --------------------------------------------------------------------------
+
+    def state(self) -> Any:
+        """The state as the caller and hooks see it: typed keys."""
+        return self._state if self._raw is None else self.codec.typed(self._raw)
+
+    # --- training ---------------------------------------------------------------------------
+
+    def train(self) -> None:
+        run = self.run
+        if run.total_steps is not None and run.step >= run.total_steps:
+            return
+        if self.mode != "host":
+            # One copy of the caller's state; every call then donates its input (nothing allocated per step).
+            self._raw = jax.tree.map(jnp.copy, self.codec.raw(self._state))
+            self.ok = jnp.bool_(True)
+        if self.mode == "device":
+            self._train_on_device()
+        else:
+            self._train_groups()
+        self.read_back()
+        ended = not run.stop_requested and self.nonfinite is None
+        if ended and run.total_steps is None and run.step > run.start_step:  # the end of data of unknown length
+            self.end_epoch()
+
+    def _train_on_device(self) -> None:
+        run, schedule = self.run, self.schedule
+        assert run.steps_per_epoch is not None and run.total_steps is not None and run.batch_size is not None
+        data, size = self._place_data()
+        data_key = jnp.copy(self._state.data_key)  # kept: the state's own is donated with each call
+        orders: dict[int, jax.Array] = {}
+        program = _fit_program.program(
+            self.pipe,
+            self.codec,
+            gather=True,
+            batch_size=run.batch_size,
+            steps_per_epoch=run.steps_per_epoch,
+            capacity=schedule.capacity,
+            guard=self.guard,
+        )
+        while run.step < run.total_steps:
+            n = schedule.count(run.step)
+            epoch = run.step // run.steps_per_epoch
+            if epoch not in orders:
+                orders = {epoch: _fit_program.epoch_order_on_device(data_key, epoch, size)}
+            started = time.perf_counter()
+            try:
+                self._raw, self.ok, rows = program.call(self._raw, self.ok, n, data, orders[epoch])
+            except Exception as err:
+                self._explain(err)
+                raise
+            if not self._after_call(n, self._rows(rows, n, program.names), started, data_state=None):
+                return
+
+    def _train_groups(self) -> None:
+        run, schedule = self.run, self.schedule
+        if isinstance(self.data, Mapping):
+            assert run.steps_per_epoch is not None and run.total_steps is not None and run.batch_size is not None
+            groups: Iterator[Any] = _fit_data.array_groups(
+                self.data,
+                self._state.data_key,
+                run.batch_size,
+                run.steps_per_epoch,
+                run.step,
+                run.total_steps,
+                schedule.count,
+            )
+        else:
+            source = _fit_data.ResumableSource(self.data, run.steps_per_epoch, self.plan["epochs"])
+            saved = run.resumed_data_state if run.resume else None
+            groups = source.groups(run.step, run.total_steps, saved, schedule.count)
+        self.prefetcher = _fit_data.Prefetcher(groups, self._place_group)
+        for n, batches, data_state in self.prefetcher:
+            started = time.perf_counter()
+            if self.mode == "host":
+                before, first = self._state, run.step
+                self._state, metrics = self.pipe(self._state, batches)
+                try:  # no guard inside the program here: read each call back now, keep the state before it
+                    go_on = self._after_call(n, self._metric_rows(metrics, n), started, data_state, sync=self.guard)
+                finally:
+                    if self.nonfinite is not None:
+                        self._state, run.step = before, first
+                if not go_on:
+                    return
+                continue
+            program = _fit_program.program(
+                self.pipe,
+                self.codec,
+                gather=False,
+                batch_size=run.batch_size or 0,
+                steps_per_epoch=run.steps_per_epoch or 0,
+                capacity=n,
+                guard=self.guard,
+            )
+            try:
+                self._raw, self.ok, out = program.call(self._raw, self.ok, n, batches)
+            except Exception as err:
+                self._explain(err)
+                raise
+            rows = self._rows(out, n, program.names)
+            if not self._after_call(n, rows, started, data_state=data_state):
+                return
+
+    # --- after each call ------------------------------------------------------------------
+
+    def _after_call(self, n: int, rows: Any, started: float, data_state: Any, sync: bool = False) -> bool:
+        """Books a launched call; False when the run must stop."""
+        run, schedule = self.run, self.schedule
+        first = run.step
+        run.step += n
+        self.calls += 1
+        if data_state is not None:
+            run.data_state = data_state
+        self.pending.append((first, n, rows))
+        self.bar.update(n)
+        epoch_end = (run.steps_per_epoch and run.step % run.steps_per_epoch == 0) or run.step == run.total_steps
+        crossing = any(run.step // p > first // p for p in _every(self.pipe)) if self.step_hooks else False
+        measuring = schedule.auto and self.calls <= 2 and self.mode != "host"
+        # A call whose hooks may save, or that ends an epoch, is read back now: a non-finite step is
+        # found before any hook sees the state. Otherwise metrics come back one call late.
+        self.read_back(keep_last=not (sync or measuring or crossing or epoch_end))
+        if self.nonfinite is not None:
+            return False
+        if measuring and self.calls == 2:
+            schedule.measured((time.perf_counter() - started) / n, self.plan["log_every"])
+            self._describe()
+        elif self.calls == 1 and not schedule.auto:
+            self._describe()
+        if self.step_hooks:
+            self.hook.jaxpipe_fit_step(run=run, state=self.state(), metrics=_Metrics(rows))
+        if epoch_end:
+            self.end_epoch()
+        if run.stop_requested:
+            run.interrupted = True
+            return False
+        return True
+
+    def _describe(self) -> None:
+        k = self.schedule.k
+        per = "step" if k == 1 else "steps"
+        how = "set by .scan" if not self.schedule.auto else ("auto" if self.mode != "host" else "")
+        self.run.per_call = f"{k} {per} per call{f' ({how})' if how else ''}, {self.why}"
+        if not getattr(self.bar, "disable", False):
+            self.bar.write(f"fit: {self.run.per_call}")
+
+    def _rows(self, rows: jax.Array, n: int, names: list[str]) -> Callable[[], tuple[list[str], np.ndarray]]:
+        rows.copy_to_host_async()  # fetched while the next call runs
+
+        def fetch() -> tuple[list[str], np.ndarray]:
+            return names, np.asarray(rows)[:n]
+
+        fetch.device = rows  # type: ignore[attr-defined]
+        fetch.names = names  # type: ignore[attr-defined]
+        fetch.n = n  # type: ignore[attr-defined]
+        return fetch
+
+    def _metric_rows(self, metrics: dict[str, Any], n: int) -> Callable[[], tuple[list[str], np.ndarray]]:
+        def fetch() -> tuple[list[str], np.ndarray]:
+            host = jax.device_get(metrics)
+            names = list(host)
+            values = [np.ravel(np.asarray(host[k], dtype=np.float64))[:n] for k in names]
+            return names, np.stack(values, axis=1) if values else np.zeros((n, 0))
+
+        fetch.metrics = metrics  # type: ignore[attr-defined]
+        return fetch
+
+    def read_back(self, keep_last: bool = False) -> None:
+        """Moves the metrics of finished calls into ``run.history``; stops at a non-finite step."""
+        run = self.run
+        take = self.pending[:-1] if keep_last else self.pending[:]
+        del self.pending[: len(take)]
+        for first, n, fetch in take:
+            names, host = fetch()
+            finite = np.isfinite(host).all(axis=1) if self.guard else np.ones(len(host), bool)
+            good = int(np.argmin(finite)) if not finite.all() else n
+            for i in range(good):
+                step = first + i + 1
+                values = {k: float(v) for k, v in zip(names, host[i], strict=True)}
+                run.history.append({"step": step, "epoch": run.epoch_of(step), **values})
+            if good < n:
+                self._nonfinite(first + good, names, host[good])
+                return
+        if take and run.history:
+            latest = {k: v for k, v in run.history[-1].items() if k not in ("step", "epoch")}
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in latest.items()}, refresh=False)
+
+    def _nonfinite(self, done: int, names: list[str], row: np.ndarray) -> None:
+        """The step after ``done`` gave a non-finite metric: the state stays as it was after ``done``."""
+        run = self.run
+        self.pending.clear()
+        run.step = done
+        bad = [f"{k}={v}" for k, v in zip(names, row, strict=True) if not np.isfinite(v)]
+        message = (
+            f"`fit` stopped at {run.where(done + 1)}: the step gave non-finite {', '.join(bad)}; "
+            f"the state is the one from before that step (step {done}), and no checkpoint holds a later one.\n"
+            f"Lower the learning rate, clip gradients (optax.clip_by_global_norm), or check that batch's data; "
+            f'fit(..., on_nonfinite="ignore") trains on regardless.'
+        )
+        run.interrupted = True
+        run.stop()
+        if self.plan["on_nonfinite"] == "raise":
+            self.nonfinite = message
+            raise PipelineError(message, pipeline=repr(self.pipe))
+        self.nonfinite = message
+
+    def end_epoch(self) -> None:
+        run = self.run
+        self.read_back()
+        if self.nonfinite is not None:
+            return
+        state = self.state()
+        metrics: dict[str, float] = {}
+        eval_data = self.plan["eval_data"]
+        if eval_data is not None:
+            metrics = {
+                f"eval_{k}": v for k, v in evaluate(self.pipe, state, eval_data, self.plan["eval_batch_size"]).items()
+            }
+            epoch = run.step // run.steps_per_epoch if run.steps_per_epoch else len(run.eval_history) + 1
+            run.eval_history.append({"step": run.step, "epoch": epoch, **metrics})
+            if not getattr(self.bar, "disable", False):
+                self.bar.write(f"epoch {epoch}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+        self.hook.jaxpipe_fit_epoch_end(run=run, state=state, metrics=metrics)
+
+    def close(self) -> None:
+        if self.prefetcher is not None:
+            self.prefetcher.close()
+
+    # --- placing data -----------------------------------------------------------------------
+
+    def _mesh(self) -> tuple[Any, Any] | None:
+        stage = next((s for s in self.pipe.stages if s.name == "data_parallel"), None)
+        if stage is None:
+            return None
+        from jaxpipe import _sharding
+
+        return _sharding.auto_mesh(stage.options["mesh"]), stage.options.get("axis", "data")
+
+    def _shards(self) -> int:
+        found = self._mesh()
+        if found is None:
+            return 1
+        mesh, axis = found
+        return int(np.prod([mesh.shape[a] for a in (axis if isinstance(axis, tuple) else (axis,))]))
+
+    def _place_data(self) -> tuple[Any, int]:
+        """The dict of arrays on the device(s), once; under ``.data_parallel`` split along the batch axis."""
+        host = {k: np.asarray(v) for k, v in self.data.items()}
+        size = next(iter(host.values())).shape[0]
+        found = self._mesh()
+        if found is None:
+            return jax.device_put(host), size
+        from jaxpipe import _sharding
+
+        mesh, axis = found
+        pad = -size % self._shards()  # rows the permutation never picks, so every device holds an equal share
+        if pad:
+            host = {k: np.concatenate([v, np.zeros((pad, *v.shape[1:]), v.dtype)]) for k, v in host.items()}
+        return _sharding.place_batch(host, mesh, axis, stacked=False, whole=True), size
+
+    def _place_group(self, group: tuple[int, Any, Any]) -> tuple[int, Any, Any]:
+        """A call's host batches, on the device (runs in the prefetch thread)."""
+        n, batches, data_state = group
+        scanned = any(s.name == "scan" for s in self.pipe.stages)
+        if isinstance(batches, list):
+            if self.mode == "host" and not scanned:
+                batches = batches[0]
+            else:
+                batches = _stack(batches)
+        whole = isinstance(self.data, Mapping)  # every process holds the whole data set
+        if self.mode == "host" or scanned:
+            placed = self.hook.jaxpipe_place_batch(run=self.run, batch=batches, whole=whole)
+            return n, batches if placed is None else placed, data_state
+        if self.place_hooks:  # one batch at a time, as the hooks expect, then stacked on the device
+            single = [jax.tree.map(lambda x, i=i: x[i], batches) for i in range(n)]
+            placed_each = [self.hook.jaxpipe_place_batch(run=self.run, batch=b, whole=whole) for b in single]
+            if all(p is not None for p in placed_each):
+                return n, jax.tree.map(lambda *xs: jnp.stack(xs), *placed_each), data_state
+        return n, jax.device_put(batches), data_state
+
+    def _explain(self, err: Exception) -> None:
+        """Re-raises a failed first call as the pipeline itself would explain it."""
+        from jaxpipe import _diagnose
+        from jaxpipe._pipeline import _place_stage_error
+
+        explained = _diagnose.explain_error(self.pipe, err, (self.state(), None), {})
+        if explained is None:
+            _place_stage_error(self.pipe, err)
+            return
+        raise explained from err
+
+
+def _stack(batches: list[Any]) -> Any:
+    stack = jnp.stack if any(isinstance(x, jax.Array) for x in jax.tree.leaves(batches[0])) else np.stack
+    return jax.tree.map(lambda *xs: stack(xs), *batches)
+
+
+class _Metrics(Mapping[str, Any]):
+    """A call's metrics for hooks: each a device array with a leading axis of the call's steps, sliced on access."""
+
+    def __init__(self, fetch: Any) -> None:
+        self._fetch = fetch
+
+    def _all(self) -> dict[str, Any]:
+        if hasattr(self._fetch, "metrics"):
+            return dict(self._fetch.metrics)
+        rows, names, n = self._fetch.device, self._fetch.names, self._fetch.n
+        return {name: rows[:n, j] for j, name in enumerate(names)}
+
+    def __getitem__(self, name: str) -> Any:
+        return self._all()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._fetch.metrics if hasattr(self._fetch, "metrics") else self._fetch.names)
+
+    def __len__(self) -> int:
+        return len(list(iter(self)))

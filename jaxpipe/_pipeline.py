@@ -429,6 +429,32 @@ class Pipeline:
 
         return _fit.fit(self, state, data, epochs=epochs, batch_size=batch_size, **options)
 
+    def save(self, state: Any) -> bool:
+        """Saves ``state`` through this pipeline's ``.checkpoint()`` stage, for a step loop written by hand.
+
+        The state is written when this returns. Returns False if nothing was
+        written: its step is saved already, or it holds NaN or inf (a warning).
+        """
+        return bool(self._saving_hook("save", state))
+
+    def restore(self, state: Any) -> Any:
+        """The newest checkpoint of this pipeline's ``.checkpoint()`` stage, shaped like ``state``; else ``state``."""
+        return self._saving_hook("restore", state)
+
+    def _saving_hook(self, action: str, state: Any) -> Any:
+        from jaxpipe import _train
+
+        with _train.run_hooks(self) as hook:
+            call = hook.jaxpipe_save_state if action == "save" else hook.jaxpipe_restore_state
+            result = call(pipeline=self, state=state)
+        if result is None:
+            raise PipelineError(
+                f"`{action}` needs a stage that saves the training state, and this pipeline has none.\n"
+                f"Add one, e.g. trainer = trainer.checkpoint('runs/exp'), then trainer.{action}(state).",
+                pipeline=repr(self),
+            )
+        return result
+
 
 @functools.lru_cache(maxsize=256)
 def _cached_signature(fn: Callable[..., Any]) -> inspect.Signature | None:

@@ -85,6 +85,43 @@ def jaxpipe_fit_resume(run: Any, state: Any) -> Any:
 
 
 @hookspec(firstresult=True)
+def jaxpipe_save_state(pipeline: Any, state: Any) -> Any:
+    """Save a training state now, for a step loop written by hand.
+
+    Called by ``Pipeline.save(state)``; the Orbax ``.checkpoint()`` stage
+    implements it. The state must be written when the hook returns. Stops at
+    the first non-None result.
+
+    Args:
+      pipeline: the :class:`~jaxpipe.Pipeline` whose stage saves.
+      state: the :class:`~jaxpipe.TrainState` to save.
+
+    Returns:
+      True if ``state`` was written, False if it was deliberately not (e.g.
+      its step is saved already, or it holds NaN), or None if this plugin does
+      not save for ``pipeline``.
+    """
+
+
+@hookspec(firstresult=True)
+def jaxpipe_restore_state(pipeline: Any, state: Any) -> Any:
+    """Read back the newest saved training state, for a step loop written by hand.
+
+    Called by ``Pipeline.restore(state)``; the Orbax ``.checkpoint()`` stage
+    implements it. Stops at the first non-None result.
+
+    Args:
+      pipeline: the :class:`~jaxpipe.Pipeline` whose stage saves.
+      state: a :class:`~jaxpipe.TrainState` giving the structure, shapes,
+        dtypes and placement to restore into.
+
+    Returns:
+      The restored state, ``state`` itself if nothing is saved yet, or None if
+      this plugin does not save for ``pipeline``.
+    """
+
+
+@hookspec(firstresult=True)
 def jaxpipe_place_state(pipeline: Any, state: Any) -> Any:
     """Put a training state on the devices it trains on, e.g. replicated over a mesh.
 

@@ -39,6 +39,12 @@ def trainer():
     return Pipeline(linear_loss).optimize(optax.sgd(0.05)).jit()
 
 
+@pytest.fixture(scope="module")
+def stepwise():
+    """One step per call (`.scan(1)`), so hooks run after every step, as tests of stopping need."""
+    return Pipeline(linear_loss).optimize(optax.sgd(0.05)).scan(1).jit()
+
+
 def start(trainer, data, seed=0):
     return trainer.init(jax.random.key(seed), data, params={"w": jnp.zeros(3)})
 
@@ -57,7 +63,7 @@ class Recorder:
     @jaxpipe.hookimpl
     def jaxpipe_fit_step(self, run, state, metrics):
         self.calls.append(("step", run.step))
-        if run.step == self.stop_at:
+        if self.stop_at is not None and run.step >= self.stop_at:
             run.stop()
         if run.step == self.interrupt_at:
             os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C, delivered to this process
@@ -94,11 +100,15 @@ def test_fit_trains_the_total_epochs_in_keyed_order(trainer, data):
     assert int(final.step) == 14
     np.testing.assert_allclose(final.params["w"], hand_written_sgd(data, 2, state)["w"], rtol=1e-6)
     run = recorder.run
-    assert len(run.history) == 14 and set(run.history[0]) == {"loss", "grad_norm"}
+    assert [row["step"] for row in run.history] == list(range(1, 15))
+    assert [row["epoch"] for row in run.history] == [1] * 7 + [2] * 7  # counted from 1
+    assert set(run.history[0]) == {"step", "epoch", "loss", "grad_norm"}
     assert run.history[-1]["loss"] < run.history[0]["loss"]
     assert recorder.calls[0] == ("start", 0) and recorder.calls[-1] == ("end", 14)
     assert ("epoch_end", 7) in recorder.calls and ("epoch_end", 14) in recorder.calls
-    assert [c for c in recorder.calls if c[0] == "step"] == [("step", s) for s in range(1, 15)]
+    ends = [c[1] for c in recorder.calls if c[0] == "step"]  # one hook call per compiled call
+    assert ends == sorted(ends) and ends[-1] == 14 and 7 in ends
+    assert "steps per call" in run.per_call or "step per call" in run.per_call
     assert not run.interrupted and run.error is None and run.position == {"epoch": 2, "batch": 0}
 
 
@@ -115,26 +125,26 @@ def test_epochs_is_the_run_total_so_a_resumed_fit_ends_at_the_same_step(trainer,
     assert int(again.step) == 21 and [c[0] for c in recorder.calls] == ["start", "end"]
 
 
-def test_resume_mid_epoch_sees_the_same_batches(trainer, data):
+def test_resume_mid_epoch_sees_the_same_batches(trainer, stepwise, data):
     state = start(trainer, data)
     straight = trainer.fit(state, data, epochs=2, batch_size=BATCH, progress=False)
     recorder = Recorder(stop_at=10)
-    stopped = trainer.fit(state, data, epochs=2, batch_size=BATCH, progress=False, hooks=[recorder])
+    stopped = stepwise.fit(state, data, epochs=2, batch_size=BATCH, progress=False, hooks=[recorder])
     assert int(stopped.step) == 10 and recorder.run.interrupted
     assert recorder.run.position == {"epoch": 1, "batch": 3}
     resumed = trainer.fit(stopped, data, epochs=2, batch_size=BATCH, progress=False)
     np.testing.assert_array_equal(resumed.params["w"], straight.params["w"])
 
 
-def test_ctrl_c_ends_after_the_current_step_with_a_consistent_state(trainer, data):
+def test_ctrl_c_ends_after_the_current_step_with_a_consistent_state(trainer, stepwise, data):
     before = signal.getsignal(signal.SIGINT)
     recorder = Recorder(interrupt_at=3)
     state = start(trainer, data)
-    stopped = trainer.fit(state, data, epochs=2, batch_size=BATCH, progress=False, hooks=[recorder])
+    stopped = stepwise.fit(state, data, epochs=2, batch_size=BATCH, progress=False, hooks=[recorder])
     assert int(stopped.step) == 3
     assert recorder.run.interrupted and recorder.calls[-1] == ("end", 3)
     assert signal.getsignal(signal.SIGINT) is before  # the handler is put back
-    three_steps = trainer.fit(state, data, epochs=1, batch_size=BATCH, progress=False, hooks=[Recorder(stop_at=3)])
+    three_steps = stepwise.fit(state, data, epochs=1, batch_size=BATCH, progress=False, hooks=[Recorder(stop_at=3)])
     np.testing.assert_array_equal(stopped.params["w"], three_steps.params["w"])
 
 

@@ -25,7 +25,11 @@ def checkpoint(
     ``trainer.init`` and ``trainer.fit`` resume from the newest complete
     checkpoint in ``directory`` and say so; ``fit`` also saves when it ends or
     is stopped with Ctrl-C (not after a failed step). ``keep=None`` keeps all.
-    Saves are asynchronous; nothing is written outside ``directory``.
+    Saves are asynchronous; nothing is written outside ``directory``, a
+    relative ``directory`` is resolved when the stage is added, and the
+    directory must be empty, new, or one jaxpipe created. A step loop written
+    by hand saves and restores with ``trainer.save(state)`` and
+    ``trainer.restore(state)``.
 
     The step function itself is returned unchanged, so
     ``.jit().checkpoint(...)`` still builds to the ``jax.jit`` object.
@@ -46,6 +50,9 @@ def _check(ctx: StageContext, options: dict[str, Any]) -> None:
         )
     if os.path.isfile(directory):
         raise ValueError(f"`directory` {os.fspath(directory)!r} is a file; give a directory for the checkpoints.")
+    # Resolved once, here: a later os.chdir must not move a run's checkpoints. (The stage keeps the bound
+    # options it was checked with; a declared "normalise options" step on StageKind would say this better.)
+    options["directory"] = os.path.abspath(os.fspath(directory))
     every = options.get("every", 100)
     if not _positive_int(every):
         raise ValueError(f"`every` must be a positive int (steps between saves), got {every!r}; e.g. every=100.")

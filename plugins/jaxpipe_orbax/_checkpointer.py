@@ -1,37 +1,44 @@
 """Saving and restoring one training run with an Orbax ``CheckpointManager``.
 
-A :class:`Checkpointer` lives for one ``init`` or ``fit`` call: jaxpipe
-registers it through the ``.checkpoint()`` stage's ``run_hooks``. Orbax does
-the work that must be right under crashes and on many hosts: it writes each
-step into a temporary directory and renames it when complete (so a killed
-process leaves only complete steps listed), saves asynchronously after copying
-the arrays off the device, deletes old steps, and lets only the primary host
-create directories. Checkpoints are tensorstore arrays plus JSON, never pickle.
+A :class:`Checkpointer` lives for one ``init``, ``fit``, ``Pipeline.save`` or
+``Pipeline.restore`` call: jaxpipe registers it through the ``.checkpoint()``
+stage's ``run_hooks``. Orbax does the work that must be right under crashes and
+on many hosts: it writes each step into a temporary directory and renames it
+when complete (so a killed process leaves only complete steps listed), saves
+asynchronously after copying the arrays off the device, and lets only the
+primary host create directories. Checkpoints are tensorstore arrays plus JSON,
+never pickle.
+
+jaxpipe keeps the directory to itself and does its own retention (Orbax's is
+off): see ``_directory.py`` for who may change what.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
-import shutil
 import warnings
-from typing import Any
+from typing import IO, Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxpipe import PipelineError, hookimpl
+from jaxpipe_orbax import _directory
 from jaxpipe_orbax._layout import differences, layout
 
 _barriers = itertools.count()  # Orbax's process barriers need names never used before in this process
+_RETRIES = 3  # restores retried when a writer's retention removed the step being read
 
 
 class CheckpointWarning(UserWarning):
-    """A checkpoint could not be used as is; training goes on from an older one."""
+    """A checkpoint could not be used or written as is; training goes on."""
 
 
 class Checkpointer:
-    """The ``.checkpoint()`` stage's hooks for one ``init`` or ``fit`` call.
+    """The ``.checkpoint()`` stage's hooks for one run.
 
     Args:
       directory: where the step directories live; nothing is written elsewhere.
@@ -40,10 +47,16 @@ class Checkpointer:
     """
 
     def __init__(self, directory: str | os.PathLike[str], every: int = 100, keep: int | None = 3) -> None:
-        self.directory = os.path.abspath(os.fspath(directory))
+        self.directory = os.path.abspath(os.fspath(directory))  # already absolute when given by the stage
         self.every = every
         self.keep = keep
         self._manager: Any = None
+        self._lock: IO[bytes] | None = None
+        self._claimed = False  # this run has prepared the directory for writing
+        self._layout: dict[str, str] | None = None  # this run's state layout: the steps retention may delete
+        self._damaged: dict[int, str] = {}  # steps found damaged while restoring, set aside before saving
+        self._start_over = False  # fit(..., resume=False)
+        self._warned_nonfinite = False
         self._saved_step = 0  # the newest step saved or resumed in this run
         self._description: dict[str, str] = {}
 
@@ -51,16 +64,45 @@ class Checkpointer:
 
     @hookimpl
     def jaxpipe_init_state(self, pipeline: Any, state: Any) -> Any:
-        """``trainer.init``: the newest complete checkpoint, if there is one."""
+        """``trainer.init``: the newest complete checkpoint, if there is one (reads only)."""
         try:
             return self._restore(pipeline, state, newer_than=None, run=None)
         finally:
             self._close()
 
     @hookimpl
+    def jaxpipe_restore_state(self, pipeline: Any, state: Any) -> Any:
+        """``Pipeline.restore``: the newest complete checkpoint, or ``state`` itself (reads only)."""
+        try:
+            restored = self._restore(pipeline, state, newer_than=None, run=None)
+        finally:
+            self._close()
+        return state if restored is None else restored
+
+    @hookimpl
+    def jaxpipe_save_state(self, pipeline: Any, state: Any) -> bool:
+        """``Pipeline.save``: saves ``state`` and waits until it is written."""
+        if not hasattr(state, "step"):
+            raise PipelineError(
+                f"`save` needs the TrainState from `init`, got {type(state).__name__}.\n"
+                f"Call state = trainer.init(jax.random.key(0), sample_batch) first.",
+                stage_name="checkpoint",
+                pipeline=repr(pipeline),
+            )
+        try:
+            written = self._save(pipeline, state, run=None)
+        finally:
+            self._close()
+        return written
+
+    @hookimpl
     def jaxpipe_fit_resume(self, run: Any, state: Any) -> Any:
         """``fit``: the newest complete checkpoint, if it is newer than ``state``."""
         try:
+            if not getattr(run, "resume", True):
+                self._start_over = True  # the earlier run's steps are moved aside before the first save
+                self._survey(run.pipeline, state, check_layout=False)  # refuse a foreign directory now
+                return None
             return self._restore(run.pipeline, state, newer_than=int(state.step), run=run)
         except BaseException:
             self._close()
@@ -77,16 +119,88 @@ class Checkpointer:
         del metrics  # not saved
         # With .scan(k) one call advances k steps: save when a multiple of `every` was crossed.
         if run.step // self.every > self._saved_step // self.every:
-            self._save(run, state)
+            self._save(run.pipeline, state, run)
 
     @hookimpl
     def jaxpipe_fit_end(self, run: Any, state: Any) -> None:
         """Saves the final or interrupted state (not after a failed step), then waits for the writes."""
         try:
             if run.error is None and run.step != self._saved_step:
-                self._save(run, state)
+                self._save(run.pipeline, state, run)
         finally:
             self._close()
+
+    # --- the directory --------------------------------------------------------------
+
+    def _survey(self, pipeline: Any, state: Any, check_layout: bool = True) -> _directory.Survey | None:
+        """What the directory holds; refuses one that holds anything else, or another training state's steps."""
+        found = _directory.survey(self.directory)
+        if found is not None and found.foreign:
+            raise self._error(pipeline, _directory.refusal(self.directory, found))
+        if found is not None and check_layout:
+            current = layout(state)
+            for step in sorted(found.steps, reverse=True):
+                meta = found.steps[step]
+                if meta is not None and meta.get("layout", current) != current:
+                    raise self._error(pipeline, self._mismatch(pipeline, meta, current, step))
+        return found
+
+    def _claim(self, pipeline: Any, state: Any) -> None:
+        """Before this run's first save: the marker, the writer lock, and tidying what earlier runs left."""
+        from orbax.checkpoint import multihost
+
+        self._drop_manager()  # a reader's manager (fit's resume) lists the steps before the tidying below
+        found = self._survey(pipeline, state, check_layout=not self._start_over)
+        self._layout = layout(state)
+        if multihost.is_primary_host(0):
+            _directory.create(self.directory)
+            self._lock = _directory.writer_lock(self.directory)
+            if found is not None:
+                self._tidy(found)
+        multihost.sync_global_processes(f"jaxpipe_checkpoint_claim_{next(_barriers)}")
+        self._claimed = True
+
+    def _tidy(self, found: _directory.Survey) -> None:
+        """Sets aside damaged steps, removes abandoned unfinished saves, moves an earlier run aside (primary host)."""
+        if self._lock is not None and found.unfinished:
+            warnings.warn(
+                f"{self.directory} holds {len(found.unfinished)} unfinished save(s) ({', '.join(found.unfinished)}) "
+                f"left by a process that stopped while writing them (no other jaxpipe process is writing here). "
+                f"They are not checkpoints and were removed.",
+                CheckpointWarning,
+                stacklevel=6,
+            )
+            for name in found.unfinished:
+                _directory.remove(os.path.join(self.directory, name))
+        damaged = {**found.reasons, **self._damaged}
+        for step in sorted(damaged):
+            if step in found.steps:
+                _directory.set_aside(self.directory, step)
+        if self._start_over:
+            steps = sorted(step for step in found.steps if step not in damaged)
+            if steps:
+                folder = _directory.move_earlier_run(self.directory, steps)
+                print(
+                    f"jaxpipe: fit(..., resume=False): moved the earlier run's checkpoints "
+                    f"(steps {', '.join(map(str, steps))}) to {folder}; this run starts afresh.",
+                    flush=True,
+                )
+
+    def _retain(self) -> None:
+        """Deletes this run's own complete steps beyond the newest ``keep`` (primary host)."""
+        from orbax.checkpoint import multihost
+
+        if self.keep is None or self._layout is None or not multihost.is_primary_host(0):
+            return
+        found = _directory.survey(self.directory)
+        if found is None:
+            return
+        own = sorted(step for step, meta in found.steps.items() if meta and meta.get("layout") == self._layout)
+        for step in own[: -self.keep]:
+            try:
+                _directory.remove(os.path.join(self.directory, str(step)))
+            except OSError as err:  # e.g. replaced by a link meanwhile: left alone
+                warnings.warn(f"could not remove old checkpoint step {step}: {err}", CheckpointWarning, stacklevel=2)
 
     # --- saving -------------------------------------------------------------------
 
@@ -94,88 +208,150 @@ class Checkpointer:
         if self._manager is None:
             import orbax.checkpoint as ocp
 
-            options = ocp.CheckpointManagerOptions(
-                preservation_policy=ocp.checkpoint_managers.LatestN(self.keep),
-                enable_async_checkpointing=True,
-            )
+            # Orbax's own retention and clean-up stay off (keep all, no tmp clean-up): jaxpipe decides
+            # what may be deleted. create=False: jaxpipe creates the directory with its marker.
+            options = ocp.CheckpointManagerOptions(create=False, enable_async_checkpointing=self._claimed)
             self._manager = ocp.CheckpointManager(self.directory, options=options)
         return self._manager
 
-    def _close(self) -> None:
+    def _drop_manager(self) -> None:
         manager, self._manager = self._manager, None
         if manager is not None:
             manager.close()  # waits for the asynchronous writes to finish
 
-    def _save(self, run: Any, state: Any) -> None:
+    def _close(self) -> None:
+        try:
+            self._drop_manager()
+            if self._claimed:
+                self._retain()
+        finally:
+            lock, self._lock = self._lock, None
+            if lock is not None:
+                lock.close()  # releases the writer lock
+            self._claimed = False
+
+    def _save(self, pipeline: Any, state: Any, run: Any) -> bool:
+        """Saves ``state``; False when it was not written (non-finite values, or its step is saved already)."""
         import orbax.checkpoint as ocp
 
-        meta = {
-            "format": 1,
-            "step": run.step,  # the state's step, counted by fit without waiting for the device
-            "position": run.position,
-            "batch_size": run.batch_size,
-            "steps_per_epoch": run.steps_per_epoch,
+        step = int(state.step) if run is None else run.step  # fit counts steps without waiting for the device
+        if not self._finite(state, step):
+            return False
+        if not self._claimed:
+            self._claim(pipeline, state)
+        manager = self._open()
+        manager.wait_until_finished()  # the previous save is complete: now older steps may go
+        self._retain()
+        if step in manager.all_steps():
+            return False
+        per_epoch = None if run is None else run.steps_per_epoch
+        meta: dict[str, Any] = {
+            "format": 2,
+            "step": step,
+            "next": _next_position(step, per_epoch),
+            "batch_size": None if run is None else run.batch_size,
+            "steps_per_epoch": per_epoch,
+            "pipeline": repr(pipeline),
             **self._description,
-            "layout": layout(state),
+            "layout": self._layout,
         }
+        meta["checksum"] = _directory.checksum(meta)
+        items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
+        data_state = getattr(run, "data_state", None)
+        if data_state is not None:  # the data iterator's position, for fit to set on resume
+            items["data"] = ocp.args.JsonSave({"state": data_state})
         # Orbax copies the arrays to host memory before save() returns and writes them from there, so a
         # later step that donates these arrays cannot change what is written.
-        self._open().save(
-            run.step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-            force=True,  # this class decides when to save (every, scan groups, the end)
-        )
-        self._saved_step = run.step
+        manager.save(step, args=ocp.args.Composite(**items), force=True)  # this class decides when to save
+        self._saved_step = step
+        return True
+
+    def _finite(self, state: Any, step: int) -> bool:
+        """Whether every floating leaf of ``state`` is finite; warns (once per run) when not."""
+        leaves = [x for x in jax.tree.leaves(state) if _inexact(x)]
+        if not leaves or bool(_all_finite(leaves)):
+            return True
+        if not self._warned_nonfinite:
+            self._warned_nonfinite = True
+            paths = [
+                jax.tree_util.keystr(path)
+                for path, x in jax.tree_util.tree_flatten_with_path(state)[0]
+                if _inexact(x) and not bool(_all_finite([x]))
+            ]
+            shown = ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+            warnings.warn(
+                f"the training state at step {step} holds NaN or inf (in {shown}), so it is not saved, "
+                f"nor any later non-finite state: the checkpoints in {self.directory} keep the last finite one. "
+                f"Lower the learning rate or clip gradients (optax.clip_by_global_norm), then resume.",
+                CheckpointWarning,
+                stacklevel=4,
+            )
+        return False
 
     # --- restoring ------------------------------------------------------------------
 
     def _restore(self, pipeline: Any, state: Any, newer_than: int | None, run: Any) -> Any:
-        """The newest readable checkpoint (newer than ``newer_than``), or None."""
-        if not os.path.isdir(self.directory):
-            return None
+        """The newest readable checkpoint (newer than ``newer_than``), or None. Changes nothing on disk."""
         import orbax.checkpoint as ocp
 
-        self._remove_unfinished()
-
-        manager = self._open()
-        for step in sorted(manager.all_steps(), reverse=True):
-            if newer_than is not None and step <= newer_than:
+        target = jax.tree.map(_abstract, state)
+        for _ in range(_RETRIES):
+            found = self._survey(pipeline, state)
+            if found is None:
                 return None
-            try:
-                meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-            except Exception as err:
-                self._set_aside(step, err)
-                continue
-            self._check_layout(pipeline, state, meta, step)
-            target = jax.tree.map(_abstract, state)
-            try:
-                restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-            except Exception as err:
-                self._set_aside(step, err)
-                continue
-            self._announce(step, meta, run)
-            return restored["state"]
+            self._drop_manager()  # a fresh listing of the steps
+            for step in sorted(found.steps, reverse=True):
+                path = os.path.join(self.directory, str(step))
+                meta = found.steps[step]
+                if meta is None:
+                    self._note_damaged(step, found.reasons[step], run)
+                    continue
+                if newer_than is not None and step <= newer_than:
+                    if step == newer_than and run is not None:  # fit was given this step's state: its data position
+                        self._resume_data(step, run)
+                    return None
+                items = {"state": ocp.args.StandardRestore(target)}
+                if run is not None and os.path.isdir(os.path.join(path, "data")):
+                    items["data"] = ocp.args.JsonRestore()
+                try:
+                    restored = self._open().restore(step, args=ocp.args.Composite(**items))
+                except Exception as err:
+                    if not os.path.isdir(path):  # a writer's retention removed it while it was read: look again
+                        break
+                    self._note_damaged(step, _reason(err), run)
+                    continue
+                self._announce(step, meta, run)
+                if "data" in items:
+                    run.resumed_data_state = restored["data"]["state"]
+                return restored["state"]
+            else:
+                return None
         return None
 
-    def _check_layout(self, pipeline: Any, state: Any, meta: dict[str, Any], step: int) -> None:
-        saved, current = meta.get("layout"), layout(state)
-        if saved is None or saved == current:
-            return
+    def _resume_data(self, step: int, run: Any) -> None:
+        import orbax.checkpoint as ocp
+
+        if os.path.isdir(os.path.join(self.directory, str(step), "data")):
+            data = self._open().restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"]
+            run.resumed_data_state = data["state"]
+
+    def _error(self, pipeline: Any, message: str) -> PipelineError:
         number = next((i for i, s in enumerate(pipeline.stages, 1) if s.name == "checkpoint"), None)
-        raise PipelineError(
+        return PipelineError(message, stage=number, stage_name="checkpoint", pipeline=repr(pipeline))
+
+    def _mismatch(self, pipeline: Any, meta: dict[str, Any], current: dict[str, str], step: int) -> str:
+        return (
             f"the checkpoint {os.path.join(self.directory, str(step))} was written by a pipeline with another "
             f"training state, so it cannot be restored into this one. Leaves that differ:\n"
-            + "\n".join(differences(saved, current))
+            + "\n".join(differences(meta["layout"], current))
             + f"\nSaved by:  {meta.get('pipeline', '(not recorded)')}\nThis one:  {pipeline!r}\n"
-            f"Give this pipeline its own directory, or restore with the pipeline that wrote the checkpoint.",
-            stage=number,
-            stage_name="checkpoint",
-            pipeline=repr(pipeline),
+            f"Give this pipeline its own directory, or restore with the pipeline that wrote the checkpoint "
+            f"(or start over there with fit(..., resume=False), which moves the old steps to a sub-folder)."
         )
 
     def _announce(self, step: int, meta: dict[str, Any], run: Any) -> None:
-        position = meta.get("position") or {}
-        where = f" (epoch {position['epoch']}, batch {position['batch']})" if "epoch" in position else ""
+        position = meta.get("next") or {}
+        where = f" (next: epoch {position['epoch']}, batch {position['batch']} of {position['of']})" if position else ""
         if jax.process_index() == 0:
             print(f"jaxpipe: resuming from step {step} of {self.directory}{where}", flush=True)
         if run is None or meta.get("batch_size") is None or run.batch_size is None:
@@ -190,49 +366,46 @@ class Checkpointer:
                 stacklevel=2,
             )
 
-    def _remove_unfinished(self) -> None:
-        """Warns about and removes the temporary directories of saves a stopped process never finished.
-
-        Orbax can do this itself (``cleanup_tmp_directories``), but in a background thread that may still
-        run when a later save starts; here it is done before the run touches the directory.
-        """
-        import orbax.checkpoint as ocp
-        from orbax.checkpoint import multihost
-
-        unfinished = sorted(str(path.get()) for path in ocp.utils.tmp_checkpoints(self.directory))
-        if unfinished:
-            warnings.warn(
-                f"{self.directory} holds {len(unfinished)} unfinished save(s) "
-                f"({', '.join(os.path.basename(p) for p in unfinished)}): a process stopped while writing them. "
-                f"They are not checkpoints and were removed; training resumes from the newest complete step.",
-                CheckpointWarning,
-                stacklevel=5,
-            )
-        if unfinished and multihost.is_primary_host(0):
-            for path in unfinished:
-                shutil.rmtree(path, ignore_errors=True)
-        # every process passes this barrier, also one that listed the folder after the primary cleaned it
-        multihost.sync_global_processes(f"jaxpipe_checkpoint_unfinished_{next(_barriers)}")
-
-    def _set_aside(self, step: int, err: Exception) -> None:
-        """Renames an unreadable step to ``<step>.damaged`` (kept, not deleted) so later saves can use its number."""
-        from orbax.checkpoint import multihost
-
-        path = os.path.join(self.directory, str(step))
-        aside = next(
-            name for i in itertools.count() if not os.path.exists(name := f"{path}.damaged{f'-{i}' if i else ''}")
+    def _note_damaged(self, step: int, reason: str, run: Any) -> None:
+        """Warns about a damaged step; a run that saves moves it to ``<step>.damaged`` (kept, not deleted)."""
+        if step in self._damaged:
+            return
+        self._damaged[step] = reason
+        later = (
+            f"this run moves it to {step}.damaged before it saves"
+            if run is not None
+            else f"it is left in place (a run that saves here moves it to {step}.damaged)"
         )
-        if multihost.is_primary_host(0):
-            os.rename(path, aside)
-        multihost.sync_global_processes(f"jaxpipe_checkpoint_set_aside_{step}_{next(_barriers)}")
-        self._manager.reload()
-        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
         warnings.warn(
-            f"checkpoint step {step} in {self.directory} is incomplete or damaged ({type(err).__name__}: {reason}). "
-            f"It was moved to {aside} for inspection, and the previous complete step is restored instead.",
+            f"checkpoint step {step} in {self.directory} is incomplete or damaged ({reason}), so an older step "
+            f"is used instead, if there is one. Nothing is deleted: {later}.",
             CheckpointWarning,
-            stacklevel=5,
+            stacklevel=6,
         )
+
+
+def _inexact(leaf: Any) -> bool:
+    dtype = getattr(leaf, "dtype", None)
+    return dtype is not None and jnp.issubdtype(dtype, jnp.inexact)
+
+
+@jax.jit
+def _all_finite(leaves: list[jax.Array]) -> jax.Array:
+    """One device reduction: True when every value of every leaf is finite."""
+    return functools.reduce(jnp.logical_and, (jnp.all(jnp.isfinite(x)) for x in leaves))
+
+
+def _next_position(step: int, per_epoch: int | None) -> dict[str, int] | None:
+    """Where the step after ``step`` starts, counted from 1 as people read it: epoch, batch, of batches."""
+    if not per_epoch:
+        return None
+    epoch, batch = divmod(step, per_epoch)
+    return {"epoch": epoch + 1, "batch": batch + 1, "of": per_epoch}
+
+
+def _reason(err: Exception) -> str:
+    text = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
 def _abstract(leaf: Any) -> Any:

@@ -1,0 +1,195 @@
+"""The compiled program ``fit`` calls: up to ``capacity`` training steps in one call.
+
+One call runs a ``jax.lax.while_loop`` over steps, so the number of steps is an
+argument, not part of the program: any call length compiles once. Each step
+either gathers its batch on the device from data placed there once (the epoch's
+permutation is an argument; the position comes from ``state.step``, exactly as
+``fit`` on the host chose batches), or takes the next of a stack of batches
+streamed from the host. The metrics of all steps come back as one
+``[capacity, n_metrics]`` array. With the finite-guard on, a step whose metrics
+are not all finite leaves the state as it was and ends the loop, so the state a
+call returns never comes from a non-finite step; the ``ok`` flag stays False, so
+calls already queued behind it change nothing.
+
+Typed PRNG keys travel as their raw key data between calls (wrapped again inside
+the program), and the state is donated: nothing is allocated or re-wrapped per
+step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import jax
+import jax.numpy as jnp
+
+if TYPE_CHECKING:
+    from jaxpipe._pipeline import Pipeline
+
+
+def _probe(*args: Any) -> Any:  # a function to see whether a stage leaves its input alone
+    return args
+
+
+def step_function(pipe: Pipeline) -> Callable[..., Any] | None:
+    """The pipeline's one training step, not jitted: all stages but ``.scan`` and ``.jit``.
+
+    None when ``fit`` should call the pipeline as built: no plain ``.jit()``
+    (an eager pipeline, or a jit with its own shardings or donation), or a
+    stage after ``.jit()`` that changes the function.
+    """
+    names = [stage.name for stage in pipe.stages]
+    if names.count("jit") != 1 or pipe.stages[names.index("jit")].options:
+        return None
+    at = names.index("jit")
+    for stage in pipe.stages[at + 1 :]:
+        try:
+            if stage.apply(_probe) is not _probe:
+                return None
+        except Exception:
+            return None
+    fn = pipe.fn
+    for stage in pipe.stages[:at]:
+        if stage.name != "scan":
+            fn = stage.apply(fn)
+    return fn
+
+
+# --- raw keys ------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyCodec:
+    """Which leaves of a state are typed PRNG keys, to pass them as raw data and back."""
+
+    impls: tuple[Any, ...]  # per leaf: the key's impl, or None for a plain array
+
+    @classmethod
+    def of(cls, state: Any) -> KeyCodec:
+        return cls(tuple(_key_impl(leaf) for leaf in jax.tree.leaves(state)))
+
+    def raw(self, state: Any) -> Any:
+        if not any(self.impls):
+            return state
+        leaves, tree = jax.tree_util.tree_flatten(state)
+        return jax.tree_util.tree_unflatten(
+            tree, [x if impl is None else jax.random.key_data(x) for x, impl in zip(leaves, self.impls, strict=True)]
+        )
+
+    def typed(self, state: Any) -> Any:
+        if not any(self.impls):
+            return state
+        leaves, tree = jax.tree_util.tree_flatten(state)
+        return jax.tree_util.tree_unflatten(
+            tree,
+            [
+                x if impl is None else jax.random.wrap_key_data(x, impl=impl)
+                for x, impl in zip(leaves, self.impls, strict=True)
+            ],
+        )
+
+
+def _key_impl(leaf: Any) -> Any:
+    dtype = getattr(leaf, "dtype", None)
+    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        return jax.random.key_impl(leaf)
+    return None
+
+
+# --- the program ----------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Program:
+    """One compiled many-step call and what it learned while tracing (the metric names)."""
+
+    call: Callable[..., Any]
+    names: list[str]
+
+
+def _row(metrics: dict[str, Any], names: list[str]) -> tuple[jax.Array, jax.Array]:
+    """The step's metrics as one float vector (first element of non-scalars), and whether all are finite."""
+    if not names:
+        names.extend(sorted(metrics))
+    values = [jnp.ravel(jnp.asarray(metrics[name]))[0] for name in names]
+    floats = [v for v in values if jnp.issubdtype(v.dtype, jnp.inexact)]
+    finite = jnp.all(jnp.stack([jnp.isfinite(v).all() for v in floats])) if floats else jnp.bool_(True)
+    dtype = jnp.result_type(jnp.float32, *[v.dtype for v in floats]) if floats else jnp.float32
+    row = jnp.stack([v.astype(dtype) for v in values]) if values else jnp.zeros((0,), dtype)
+    return row, finite
+
+
+@functools.lru_cache(maxsize=16)
+def program(
+    pipe: Pipeline,
+    codec: KeyCodec,
+    *,
+    gather: bool,
+    batch_size: int,
+    steps_per_epoch: int,
+    capacity: int,
+    guard: bool,
+) -> Program:
+    """The jitted ``(state, ok, n, source...) -> (state, ok, metrics)`` for ``pipe``.
+
+    ``gather``: the source is ``(data, order)``: the data set on the device and
+    this epoch's permutation; otherwise it is ``batches``, stacked on axis 0.
+    """
+    step = step_function(pipe)
+    assert step is not None
+    names: list[str] = []
+
+    def one_step(state: Any, batch: Any) -> tuple[Any, jax.Array, jax.Array]:
+        new, metrics = step(codec.typed(state), batch)
+        row, finite = _row(metrics, names)
+        return codec.raw(new), row, finite
+
+    def run(state: Any, ok: jax.Array, n: jax.Array, *source: Any) -> tuple[Any, jax.Array, jax.Array]:
+        if gather:
+            data, order = source
+
+            def batch_at(state: Any, i: jax.Array) -> Any:
+                # The position in the epoch comes from the state's step, as on the host.
+                offset = (state.step % steps_per_epoch) * batch_size
+                index = jax.lax.dynamic_slice_in_dim(order, offset, batch_size)
+                return jax.tree.map(lambda x: jnp.take(x, index, axis=0), data)
+        else:
+            (batches,) = source
+
+            def batch_at(state: Any, i: jax.Array) -> Any:
+                return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, keepdims=False), batches)
+
+        _, row_shape, _ = jax.eval_shape(one_step, state, batch_at(state, jnp.int32(0)))
+        rows = jnp.zeros((capacity, *row_shape.shape), row_shape.dtype)
+
+        def cond(carry: Any) -> jax.Array:
+            i, ok, _, _ = carry
+            return (i < n) & ok
+
+        def body(carry: Any) -> Any:
+            i, ok, state, rows = carry
+            new, row, finite = one_step(state, batch_at(state, i))
+            if guard:  # a non-finite step changes nothing and ends the loop
+                ok = finite
+                # Behind an optimization barrier, so the select does not change how XLA fuses the step
+                # (and so its rounding): the guarded step is bit-identical to the unguarded one.
+                new = jax.lax.cond(finite, lambda: new, lambda: state)
+            return i + 1, ok, new, rows.at[i].set(row)
+
+        _, ok, state, rows = jax.lax.while_loop(cond, body, (jnp.int32(0), ok, state, rows))
+        return state, ok, rows
+
+    return Program(jax.jit(run, donate_argnums=(0,)), names)
+
+
+@functools.lru_cache(maxsize=8)
+def _order_fn(size: int) -> Callable[[jax.Array, int], jax.Array]:
+    return jax.jit(lambda key, epoch: jax.random.permutation(jax.random.fold_in(key, epoch), size))
+
+
+def epoch_order_on_device(data_key: jax.Array, epoch: int, size: int) -> jax.Array:
+    """The permutation of ``epoch`` (``fold_in(data_key, epoch)``), computed and kept on the device."""
+    return _order_fn(size)(data_key, epoch)

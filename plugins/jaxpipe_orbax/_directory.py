@@ -1,0 +1,221 @@
+"""The checkpoint directory is jaxpipe's alone: what is in it, and who may change what.
+
+Orbax treats every number-named folder of its directory as a step, and its
+retention deletes old ones (following symbolic links on machines where it
+deletes in parallel). So jaxpipe keeps the directory to itself: it writes a
+marker file (:data:`MARKER`) when it creates the directory, and refuses an
+existing non-empty directory without the marker, or one holding anything it
+did not write (files, links, other folders, other tools' checkpoints).
+
+Who changes what:
+
+- A process that only reads (``init``, ``Pipeline.restore``, a ``fit`` that
+  saves nothing) changes nothing, not even an unfinished save.
+- A process that writes, right before its first save, moves the steps it found
+  damaged to ``<step>.damaged`` and removes unfinished saves
+  (``<step>.orbax-checkpoint-tmp``) only while it holds the directory's writer
+  lock (an exclusive ``flock`` on the marker, held by each writer until it has
+  finished writing). Holding it proves that no other jaxpipe process is writing
+  there, so whoever left those saves has stopped. Without the lock it leaves
+  them alone (Orbax replaces a step's unfinished save when it saves that step).
+- Retention deletes only complete step folders of the run's own training state
+  (same leaves, shapes and dtypes), never a link and never through one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import shutil
+from typing import IO, Any
+
+MARKER = "jaxpipe-checkpoints.json"
+UNFINISHED = ".orbax-checkpoint-tmp"  # Orbax's suffix for a step still being written
+_SET_ASIDE = re.compile(r"\d+\.damaged(-\d+)?|earlier-run-\d+")  # jaxpipe's own, never deleted
+_STEP_ITEMS = ("state", "meta")  # the Orbax items every jaxpipe step has
+_SHOWN = 12
+
+
+@dataclasses.dataclass
+class Survey:
+    """What a checkpoint directory holds.
+
+    Attributes:
+      marked: the directory has jaxpipe's marker file.
+      steps: complete jaxpipe steps: step -> its metadata, or None when the
+        metadata is unreadable or fails its checksum (a damaged step).
+      reasons: step -> why its metadata is damaged.
+      unfinished: names of unfinished saves.
+      foreign: one line per entry jaxpipe did not write.
+    """
+
+    marked: bool = False
+    steps: dict[int, dict[str, Any] | None] = dataclasses.field(default_factory=dict)
+    reasons: dict[int, str] = dataclasses.field(default_factory=dict)
+    unfinished: list[str] = dataclasses.field(default_factory=list)
+    foreign: list[str] = dataclasses.field(default_factory=list)
+
+
+def checksum(meta: dict[str, Any]) -> str:
+    """A hash of a step's metadata (without the checksum itself), so damage that is still valid JSON shows."""
+    body = {key: value for key, value in meta.items() if key != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def survey(directory: str) -> Survey | None:
+    """What ``directory`` holds, or None if it does not exist. Reads only."""
+    try:
+        entries = sorted(os.scandir(directory), key=lambda e: e.name)
+    except FileNotFoundError:
+        return None
+    found = Survey(marked=any(e.name == MARKER and e.is_file(follow_symlinks=False) for e in entries))
+    for entry in entries:
+        name = entry.name
+        if entry.is_symlink():
+            found.foreign.append(f"{name} -> {os.readlink(entry.path)} (a symbolic link)")
+        elif not entry.is_dir(follow_symlinks=False):
+            if name != MARKER:
+                found.foreign.append(f"{name} (a file)")
+        elif name.isdigit():
+            why_not = _not_a_step(entry.path)
+            if why_not:
+                found.foreign.append(f"{name}/ ({why_not})")
+            else:
+                meta, reason = _read_meta(entry.path)
+                found.steps[int(name)] = meta
+                if meta is None:
+                    found.reasons[int(name)] = reason
+        elif name.split(".")[0].isdigit() and UNFINISHED in name:
+            found.unfinished.append(name)
+        elif not _SET_ASIDE.fullmatch(name):
+            found.foreign.append(f"{name}/ (a folder jaxpipe did not write)")
+    if not found.marked and entries:  # not created by jaxpipe: everything in it is someone else's
+        found.foreign = _unmarked(entries)
+    return found
+
+
+def _unmarked(entries: list[os.DirEntry[str]]) -> list[str]:
+    lines = []
+    for entry in entries:
+        if entry.is_symlink():
+            lines.append(f"{entry.name} -> {os.readlink(entry.path)} (a symbolic link)")
+        elif entry.is_dir(follow_symlinks=False):
+            why_not = _not_a_step(entry.path) if entry.name.isdigit() else ""
+            lines.append(f"{entry.name}/ ({why_not or 'a folder'})")
+        else:
+            lines.append(f"{entry.name} (a file)")
+    return lines
+
+
+def _not_a_step(path: str) -> str:
+    """Why the folder ``path`` is not a step jaxpipe wrote, or '' if it is one."""
+    if not os.path.isfile(os.path.join(path, "_CHECKPOINT_METADATA")):
+        return "a folder without Orbax checkpoint metadata"
+    items = sorted(name for name in os.listdir(path) if os.path.isdir(os.path.join(path, name)))
+    if any(os.path.islink(os.path.join(path, item)) for item in items) or not set(_STEP_ITEMS) <= set(items):
+        return f"an Orbax checkpoint that jaxpipe did not write, with items {items}"
+    return ""
+
+
+def _read_meta(path: str) -> tuple[dict[str, Any] | None, str]:
+    """A step's metadata, or (None, why) if it is unreadable or does not match its checksum."""
+    try:
+        with open(os.path.join(path, "meta", "metadata"), encoding="utf-8") as file:
+            meta = json.load(file)
+    except (OSError, ValueError) as err:
+        return None, f"its metadata is unreadable: {type(err).__name__}: {err}"
+    if not isinstance(meta, dict) or meta.get("checksum") != checksum(meta):
+        return None, "its metadata does not match its checksum"
+    return meta, ""
+
+
+def refusal(directory: str, found: Survey) -> str:
+    """The message refusing ``directory``, listing what is there and offering a folder of its own."""
+    lines = found.foreign if len(found.foreign) <= _SHOWN else [*found.foreign[:_SHOWN], "..."]
+    free = next(
+        os.path.join(directory, name)
+        for name in ("checkpoints", *(f"checkpoints-{i}" for i in range(2, 10**6)))
+        if not os.path.lexists(os.path.join(directory, name))
+    )
+    why = (
+        "was not created by jaxpipe and is not empty"
+        if not found.marked
+        else "holds things that jaxpipe did not write"
+    )
+    return (
+        f"the checkpoint directory {directory} {why}:\n"
+        + "\n".join(f"  {line}" for line in lines)
+        + "\njaxpipe keeps its checkpoint directory to itself (its retention deletes old steps there), so it "
+        f"uses only an empty directory or one it created.\nGive the checkpoints a folder of their own, "
+        f"e.g. .checkpoint({free!r})."
+    )
+
+
+def create(directory: str) -> None:
+    """Creates ``directory`` (if needed) with jaxpipe's marker; the caller has checked it is empty or marked."""
+    os.makedirs(directory, exist_ok=True)
+    note = {"written_by": "jaxpipe", "what": "Orbax checkpoints of one training run; see jaxpipe's README."}
+    with contextlib.suppress(FileExistsError):  # another process of the same run was first
+        fd = os.open(os.path.join(directory, MARKER), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        with os.fdopen(fd, "w") as file:
+            json.dump(note, file)
+
+
+def writer_lock(directory: str) -> IO[bytes] | None:
+    """The directory's writer lock (an open marker file holding an exclusive flock), or None if taken.
+
+    None too where flock does not exist or the file system refuses it: then
+    nothing that needs the lock is done.
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        return None
+    try:
+        file = open(os.path.join(directory, MARKER), "rb")  # noqa: SIM115 (held until the writer is done)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        file.close()
+        return None
+    return file
+
+
+def remove(path: str) -> None:
+    """Deletes one folder jaxpipe wrote: never a symbolic link, never through one.
+
+    ``shutil.rmtree`` removes links inside the folder without following them,
+    and refuses a link given as the folder.
+    """
+    if os.path.islink(path) or not os.path.isdir(path):
+        return
+    shutil.rmtree(path)
+
+
+def set_aside(directory: str, step: int) -> str:
+    """Renames step folder ``step`` to ``<step>.damaged`` (or ``-1``, ``-2``...); returns the new path."""
+    path = os.path.join(directory, str(step))
+    aside = next(
+        name for i in range(10**6) if not os.path.lexists(name := f"{path}.damaged{f'-{i}' if i else ''}")
+    )
+    os.rename(path, aside)
+    return aside
+
+
+def move_earlier_run(directory: str, steps: list[int]) -> str:
+    """Moves the step folders ``steps`` into a new ``earlier-run-<n>`` folder; returns its path."""
+    folder = next(
+        path
+        for i in range(1, 10**6)
+        if not os.path.lexists(path := os.path.join(directory, f"earlier-run-{i}"))
+    )
+    os.mkdir(folder)
+    for step in steps:
+        os.rename(os.path.join(directory, str(step)), os.path.join(folder, str(step)))
+    return folder
