@@ -129,5 +129,5 @@ def test_a_stop_click_sent_as_a_comm_message_stops_fit_between_steps(kernel, tmp
     assert f"fit returned at step {step}\n" in first_text and "Traceback" not in first_text, first_text
     assert second_text == f"second cell saw step {step}\n"  # ran after fit, on the state it returned
     assert front.models[stop]["disabled"] and 0 < step < TOTAL
-    assert os.listdir(tmp_path / "ckpt") == [str(step)]  # the stopped state, saved at fit end
+    assert [name for name in os.listdir(tmp_path / "ckpt") if name.isdigit()] == [str(step)]  # saved at fit end
     assert took < 10, f"fit took {took:.1f} s to stop after the click"

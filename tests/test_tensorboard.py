@@ -96,7 +96,7 @@ def test_events_are_on_disk_at_each_epoch_end_and_when_stopped(data, tmp_path):
             if run.step == 13:
                 run.stop()
 
-    pipe = Pipeline(linear_loss).optimize(optax.sgd(0.05)).jit()
+    pipe = Pipeline(linear_loss).optimize(optax.sgd(0.05)).scan(1).jit()  # a call per step: stop mid-epoch
     state = pipe.init(jax.random.key(0), data, params={"w": jnp.zeros(3)})
     board = jaxpipe.TensorBoard(tmp_path / "logs")
     hooks = [board, runs, probe, StopAt()]

@@ -223,12 +223,13 @@ class ClickStop:
     """Clicks the dashboard's Stop button after step ``at``, as a user would."""
 
     def __init__(self, board: KeptDashboard, at: int) -> None:
-        self.board, self.at = board, at
+        self.board, self.at, self.clicked = board, at, None
 
     @jaxpipe.hookimpl
     def jaxpipe_fit_step(self, run, state, metrics):
-        if run.step == self.at:
+        if run.step >= self.at and self.clicked is None:  # fit runs several steps per call
             self.board.view.stop_button.click()
+            self.clicked = run.step
 
 
 def train(pipe, data, hooks, capsys):
@@ -246,9 +247,11 @@ def test_dashboard_replaces_the_progress_bar_and_plots_the_history(data, capsys)
     assert view.status.value.startswith("finished at step 24/24: 24 steps in ")
     assert view.stop_button.disabled
     history = view.run.history
-    assert [len(history), sorted(history[0])] == [24, ["grad_norm", "loss"]]
+    assert [len(history), sorted(dash.metrics_of(history[0]))] == [24, ["grad_norm", "loss"]]
     metrics = dash.Metrics()
     assert metrics.read(view.run) and view.plot.value == dash.plot_html(metrics)
+    assert sorted(metrics.series) == ["grad_norm", "loss"]  # a row's step and epoch are not metrics
+    assert metrics.series["loss"].steps == [float(s) for s in range(1, 25)]
     assert f"loss = {history[-1]['loss']:.4g}" in view.plot.value
     assert view._repr_mimebundle_()["text/plain"].startswith("fit dashboard of Pipeline(linear_loss)")
 
@@ -257,19 +260,21 @@ def test_stop_button_ends_training_after_the_current_step_with_a_checkpoint(data
     board = KeptDashboard()
     directory = tmp_path / "ckpt"
     pipe = Pipeline(linear_loss).optimize(optax.sgd(0.05)).jit().checkpoint(str(directory), every=100)
-    state, _ = train(pipe, data, [board, ClickStop(board, at=5)], capsys)
-    view = board.view
-    assert int(state.step) == 5 and view.run.interrupted and view.stop_button.description == "Stopping…"
-    assert re.fullmatch(r"stopped at step 5/24: 5 steps in \S+ s", html.unescape(view.status.value))
+    click = ClickStop(board, at=5)
+    state, _ = train(pipe, data, [board, click], capsys)
+    view, step = board.view, click.clicked
+    assert 5 <= step < 24 and int(state.step) == step  # stopped after the call the click came in
+    assert view.run.interrupted and view.stop_button.description == "Stopping…"
+    assert re.fullmatch(rf"stopped at step {step}/24: {step} steps in \S+ s", html.unescape(view.status.value))
     assert view.stop_button.disabled and "jaxpipe-stop" in view.stop_button._dom_classes
-    assert "5" in os.listdir(directory)  # Orbax saved the stopped state at fit end
+    assert str(step) in os.listdir(directory)  # Orbax saved the stopped state at fit end
 
 
 class Polls:
     """Counts the view's reads of widget messages: a stand-in poller, as outside a kernel there is none."""
 
     def __init__(self, board: KeptDashboard) -> None:
-        self.board, self.polls, self.closed = board, 0, 0
+        self.board, self.polls, self.closed, self.calls = board, 0, 0, 0
 
     def poll(self):
         self.polls += 1
@@ -282,6 +287,10 @@ class Polls:
         assert self.board.view.poller is None  # outside a kernel: no poller
         self.board.view.poller = self
 
+    @jaxpipe.hookimpl
+    def jaxpipe_fit_step(self, run, state, metrics):
+        self.calls += 1
+
 
 def test_dashboard_reads_clicks_between_steps_at_most_every_poll_period_and_closes_the_poller(
     data, capsys, monkeypatch
@@ -290,7 +299,7 @@ def test_dashboard_reads_clicks_between_steps_at_most_every_poll_period_and_clos
     polls = Polls(board)
     monkeypatch.setattr(dash, "POLL_SECONDS", 0.0)
     train(Pipeline(linear_loss).optimize(optax.sgd(0.05)).jit(), data, [board, polls], capsys)
-    assert (polls.polls, polls.closed, board.view.poller) == (24, 1, None)  # one read per call, closed at the end
+    assert polls.calls > 1 and (polls.polls, polls.closed, board.view.poller) == (polls.calls, 1, None)  # one per call
     monkeypatch.setattr(dash, "POLL_SECONDS", 3600.0)
     board, polls = KeptDashboard(), None
     polls = Polls(board)
@@ -312,10 +321,11 @@ def test_no_poller_outside_a_kernel_or_off_the_main_thread():
 def test_stop_button_on_a_background_fit_stops_it_through_the_widget(data, capsys):
     board = KeptDashboard()
     pipe = Pipeline(linear_loss).optimize(optax.sgd(0.05)).jit()
-    thread = threading.Thread(target=train, args=(pipe, data, [board, ClickStop(board, at=5)], capsys))
+    click = ClickStop(board, at=5)
+    thread = threading.Thread(target=train, args=(pipe, data, [board, click], capsys))
     thread.start()
     thread.join()
-    assert board.view.run.step == 5 and board.view.run.interrupted  # the widget route: run.stop()
+    assert board.view.run.step == click.clicked < 24 and board.view.run.interrupted  # the widget route: run.stop()
 
 
 def test_a_click_read_after_the_run_ended_changes_nothing(data, capsys):

@@ -65,6 +65,11 @@ class Series:
         return [(self.steps[i], self.values[i]) for i in sorted(set(picked)) if math.isfinite(self.values[i])]
 
 
+def metrics_of(row: dict[str, Any]) -> dict[str, Any]:
+    """A history row's metrics: all but its ``step`` and ``epoch``."""
+    return {name: value for name, value in row.items() if name not in ("step", "epoch")}
+
+
 class Metrics:
     """Each metric of a run as a :class:`Series`; ``read`` takes only the rows added since the last read,
     so a redraw costs the same at step 100 and at step 100,000."""
@@ -77,12 +82,12 @@ class Metrics:
         """Adds the run's new history rows (floats ``fit`` read back); says whether there were any."""
         rows, evals = run.history[self._rows :], run.eval_history[self._evals :]
         for offset, row in enumerate(rows, run.start_step + self._rows + 1):
-            for name, value in row.items():
-                self.series.setdefault(name, Series(_TRAIN_COLOR)).add(float(offset), value)
+            step = float(row.get("step", offset))
+            for name, value in metrics_of(row).items():
+                self.series.setdefault(name, Series(_TRAIN_COLOR)).add(step, value)
         for row in evals:
-            for name, value in row.items():
-                if name not in ("epoch", "step"):
-                    self.series.setdefault(name, Series(_EVAL_COLOR)).add(row["step"], value)
+            for name, value in metrics_of(row).items():
+                self.series.setdefault(name, Series(_EVAL_COLOR)).add(float(row["step"]), value)
         self._rows, self._evals = self._rows + len(rows), self._evals + len(evals)
         return bool(rows or evals)
 
@@ -144,7 +149,7 @@ def status_text(run: Any, elapsed: float) -> str:
     """One line: where the run is, its speed and its latest metrics."""
     total = f"/{run.total_steps}" if run.total_steps else ""
     done = run.step - run.start_step
-    latest = ", ".join(f"{k} {_format(v)}" for k, v in run.history[-1].items()) if run.history else ""
+    latest = ", ".join(f"{k} {_format(v)}" for k, v in metrics_of(run.history[-1]).items()) if run.history else ""
     speed = f"{done / elapsed:.3g} steps/s" if elapsed > 0 and done else ""
     return " · ".join(part for part in (f"step {run.step}{total}", speed, latest) if part)
 
