@@ -25,6 +25,7 @@ TOTAL = 8 * 10**6  # epochs * steps per epoch: far longer than the test, unless 
 
 CELL = """\
 %load_ext jaxpipe
+import time
 import jax, jax.numpy as jnp, numpy as np, optax
 from jaxpipe import Pipeline
 
@@ -37,6 +38,7 @@ trainer = Pipeline(loss).optimize(optax.sgd(0.01)).jit().checkpoint({directory!r
 state = trainer.init(jax.random.key(0), data, params={{"w": jnp.zeros(3)}})
 state = trainer.fit(state, data, epochs=10**6, batch_size=8, log_every=4)
 print("fit returned at step", int(state.step))
+time.sleep(1)  # a request sent now, after fit, must not be lost either
 """
 
 
@@ -117,9 +119,12 @@ def test_a_stop_click_sent_as_a_comm_message_stops_fit_between_steps(kernel, tmp
     kernel.shell_channel.send(
         kernel.session.msg("comm_msg", {"comm_id": stop, "data": {"method": "custom", "content": {"event": "click"}}})
     )
-    front.wait(lambda: first in front.idle, "the fit cell to end")
+    front.wait(lambda: any(p == first and "fit returned" in t for p, t in front.text), "fit to return")
     took = time.monotonic() - clicked
-    front.wait(lambda: second in front.idle, "the queued cell to run")
+    third = kernel.execute('print("third cell")')  # arrives after fit, while its cell still runs
+    front.wait(lambda: third in front.idle, "the cells to run")
+    assert front.idle >= {first, second, third}
+    assert [p for p, _ in front.text if p in (second, third)] == [second, third]  # in the order sent
 
     ended = re.fullmatch(rf"stopped at step (\d+)/{TOTAL}: \d+ steps in .* s", front.models[status]["value"])
     assert ended, front.models[status]["value"]
