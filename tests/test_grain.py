@@ -199,3 +199,21 @@ def test_sigkill_at_random_points_then_resume_from_grain_gives_bit_identical_par
     for path, value in uninterrupted.items():
         np.testing.assert_array_equal(killed[path], value, err_msg=path)
     assert int(killed[".step"]) == total
+
+
+# --- what fit does with `data = _grain.as_batches(data)` (wired at its start) ---------------------------
+
+
+def test_fit_trains_an_endless_grain_dataset_until_stopped():
+    endless = grain.MapDataset.source(records()).shuffle(seed=0).repeat().batch(8)
+    stop = StopAt(25)
+    state = train(endless, epochs=1, hooks=[stop])
+    run = stop.runs[0]
+    assert run.steps_per_epoch is None and run.total_steps is None  # not sys.maxsize // 8 steps planned
+    assert int(state.step) == run.step >= 25 and run.interrupted
+
+
+def test_fit_refuses_a_grain_object_that_is_not_a_dataset_or_loader():
+    sampler = grain.samplers.IndexSampler(80, shard_options=grain.sharding.NoSharding(), num_epochs=1, seed=0)
+    with pytest.raises(PipelineError, match=r"Grain data as a `grain\.MapDataset`.*got grain\..*IndexSampler"):
+        train(sampler)
