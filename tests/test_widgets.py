@@ -307,6 +307,20 @@ def test_dashboard_reads_clicks_between_steps_at_most_every_poll_period_and_clos
     assert (polls.polls, polls.closed) == (0, 1)
 
 
+class BrokenPolls(Polls):
+    def poll(self):
+        raise RuntimeError("socket gone")
+
+
+def test_a_poller_that_fails_is_dropped_with_a_warning_and_training_goes_on(data, capsys, monkeypatch):
+    board = KeptDashboard()
+    polls = BrokenPolls(board)
+    monkeypatch.setattr(dash, "POLL_SECONDS", 0.0)
+    with pytest.warns(UserWarning, match="stopped reading its Stop button during this run: RuntimeError"):
+        state, _ = train(Pipeline(linear_loss).optimize(optax.sgd(0.05)).jit(), data, [board, polls], capsys)
+    assert int(state.step) == 24 and board.view.poller is None and polls.closed == 1
+
+
 def test_no_poller_outside_a_kernel_or_off_the_main_thread():
     from jaxpipe.ipython.uipoll import comm_poller
 

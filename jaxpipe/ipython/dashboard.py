@@ -25,6 +25,7 @@ import dataclasses
 import html
 import math
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -204,7 +205,11 @@ class FitView:
     def poll(self) -> None:
         """Handles a pending click, at most every ``POLL_SECONDS`` (a clock read in between)."""
         if self.poller is not None and time.monotonic() - self._polled >= POLL_SECONDS:
-            self.poller.poll()
+            try:
+                self.poller.poll()
+            except Exception as err:  # training goes on; the click is then read after the cell
+                self.disarm()
+                warnings.warn(f"the dashboard stopped reading its Stop button during this run: {err!r}", stacklevel=2)
             self._polled = time.monotonic()
 
     def disarm(self) -> None:

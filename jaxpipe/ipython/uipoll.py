@@ -39,10 +39,13 @@ def comm_poller() -> Poller | None:
     kernel = getattr(get_ipython(), "kernel", None)
     if kernel is None or getattr(kernel, "session", None) is None:
         return None
-    if hasattr(kernel, "shell_main") and "comm_msg" in kernel.shell_handlers:
-        return SocketPoller(kernel)
-    if hasattr(kernel, "do_one_iteration"):
-        return UiPoller()
+    try:
+        if hasattr(kernel, "shell_main") and "comm_msg" in kernel.shell_handlers:
+            return SocketPoller(kernel)
+        if hasattr(kernel, "do_one_iteration"):
+            return UiPoller()
+    except (AttributeError, ImportError):  # a kernel laid out otherwise: the click is read after the cell
+        pass
     return None
 
 
