@@ -132,6 +132,49 @@ def test_a_stopped_run_resumes_at_the_grain_position_and_reads_only_what_is_left
         np.testing.assert_array_equal(a, b)  # the uninterrupted run's parameters, bit for bit
 
 
+class CountingSource:
+    """A random-access source (len and [i], what Grain's DataLoader reads) that counts its reads."""
+
+    def __init__(self, reads: list[int]) -> None:
+        self.records, self.reads = records(), reads
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __repr__(self) -> str:  # Grain checks the source's repr when it restores a loader's state
+        return f"CountingSource({len(self.records)} records)"
+
+    def __getitem__(self, index):
+        self.reads.append(1)
+        return self.records[index]
+
+
+def loader(reads: list[int]) -> grain.DataLoader:
+    """3 epochs of 10 batches, reshuffled each epoch by the sampler; no read-ahead worth speaking of."""
+    return grain.DataLoader(
+        data_source=CountingSource(reads),
+        sampler=grain.samplers.IndexSampler(80, shard_options=grain.sharding.NoSharding(), num_epochs=3, seed=0),
+        operations=[grain.transforms.Batch(8, drop_remainder=True)],
+        worker_count=0,
+        read_options=grain.ReadOptions(num_threads=1, prefetch_buffer_size=1),
+    )
+
+
+def test_a_stopped_run_on_a_grain_dataloader_resumes_from_its_saved_state(tmp_path):
+    pipe = TRAINER.checkpoint(str(tmp_path / "ckpt"), every=3)
+    first = StopAt(13)
+    train(loader([]), epochs=1, pipe=pipe, hooks=[first])  # the loader's one pass holds its 3 epochs
+    stopped, saved = first.runs[0].step, first.runs[0].data_state
+    assert 13 <= stopped < 30 and isinstance(saved, str)  # the loader's state is JSON bytes, kept as text
+    reads: list[int] = []
+    second = StopAt(10**9)
+    resumed = train(loader(reads), epochs=1, pipe=pipe, hooks=[second])
+    assert second.runs[0].start_step == stopped and second.runs[0].resumed_data_state == saved
+    assert (30 - stopped) * 8 <= len(reads) <= (30 - stopped + 3) * 8  # not the `stopped` batches again
+    for a, b in zip(leaves(resumed), leaves(train(loader([]), epochs=1)), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 # --- SIGKILL at random points, on a run that reads from Grain ------------------------------------------
 
 SCRIPT = Path(__file__).with_name("grain_resume_train.py")
