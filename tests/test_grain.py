@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import runpy
 import signal
 import subprocess
 import sys
@@ -260,3 +261,14 @@ def test_fit_refuses_a_grain_object_that_is_not_a_dataset_or_loader():
     sampler = grain.samplers.IndexSampler(80, shard_options=grain.sharding.NoSharding(), num_epochs=1, seed=0)
     with pytest.raises(PipelineError, match=r"Grain data as a `grain\.MapDataset`.*got grain\..*IndexSampler"):
         train(sampler)
+
+
+def test_the_grain_example_trains_and_a_rerun_resumes_without_reading_again(tmp_path, capsys):
+    main = runpy.run_path(str(ROOT / "examples" / "grain_digits.py"), run_name="example")["main"]
+    accuracy = main(str(tmp_path / "out"), epochs=10)
+    first = capsys.readouterr().out
+    steps = 10 * 1400 // 64
+    assert f"trained to step {steps} of {steps}; Grain read {steps * 64} records in this run" in first
+    assert accuracy >= 0.85
+    assert main(str(tmp_path / "out"), epochs=10) == accuracy  # restored, complete: nothing trained again
+    assert f"trained to step {steps} of {steps}; Grain read 0 records in this run" in capsys.readouterr().out
