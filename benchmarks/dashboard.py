@@ -2,7 +2,8 @@
 
 Paired rounds in one process: the same tiny training run (steps of ~100 µs, where a per-step cost
 would show most) with ``progress=False``, with fit's default tqdm bar, and with the dashboard
-plugin supplying the progress display. Prints per-step times and the ratios to the bare loop.
+plugin supplying the progress display. Prints per-step times and the ratios to the bare loop, the
+cost of a redraw, and the cost of the Stop button's read of the kernel's widget messages (in a real kernel).
 
     .venv/bin/python benchmarks/dashboard.py [--steps 2000] [--rounds 5]
 """
@@ -91,6 +92,51 @@ def main() -> None:
             f"  redraw at {len(fit_run.history):,} steps of history: {median * 1e3:.2f} ms "
             f"({median / REFRESH_SECONDS:.2%} of the loop at one redraw per {REFRESH_SECONDS} s)"
         )
+
+    began = time.perf_counter()
+    for _ in range(calls):
+        view.poll()
+    print(f"  FitView.poll between reads of widget messages: {(time.perf_counter() - began) / calls * 1e9:.0f} ns/call")
+    print(f"  one read of the kernel's pending widget messages, none waiting: {kernel_poll_cost():.1f} µs")
+
+
+# Run in a real kernel: the cost of SocketPoller.poll() when no message waits, what each read costs fit.
+_POLL_CELL = """
+import time
+from jaxpipe.ipython.uipoll import comm_poller
+poller = comm_poller()
+for _ in range(1000):
+    poller.poll()
+began = time.perf_counter()
+for _ in range(20000):
+    poller.poll()
+print((time.perf_counter() - began) / 20000 * 1e6)
+poller.close()
+"""
+
+
+def kernel_poll_cost() -> float:
+    import queue
+
+    from jupyter_client.manager import start_new_kernel
+
+    manager, client = start_new_kernel(kernel_name="python3")
+    try:
+        msg_id = client.execute(_POLL_CELL)
+        while True:
+            try:
+                msg = client.get_iopub_msg(timeout=60)
+            except queue.Empty as err:
+                raise RuntimeError("the kernel did not answer") from err
+            if msg["parent_header"].get("msg_id") != msg_id:
+                continue
+            if msg["msg_type"] == "stream":
+                return float(msg["content"]["text"])
+            if msg["msg_type"] == "error":
+                raise RuntimeError("\n".join(msg["content"]["traceback"]))
+    finally:
+        client.stop_channels()
+        manager.shutdown_kernel(now=True)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from jaxpipe._stages import StageKind as StageKind
 from jaxpipe._stages import Training as Training
 from jaxpipe._summary import ParamSummary as ParamSummary
 from jaxpipe._summary import param_summary as param_summary
+from jaxpipe._tensorboard import TensorBoard as TensorBoard
 from jaxpipe._train import TrainLoss as TrainLoss
 from jaxpipe._train import TrainState as TrainState
 from jaxpipe._train import loss_and_metrics as loss_and_metrics

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpipe import _data_parallel, _fit_data, _fit_program, _mesh
+from jaxpipe import _data_parallel, _fit_data, _fit_program, _grain, _mesh
 from jaxpipe._fit_data import check_arrays, epoch_order  # noqa: F401  (epoch_order: the documented order)
 from jaxpipe._fold import fold
 from jaxpipe._stages import Stage, StageContext
@@ -264,6 +264,10 @@ def fit(
     Returns:
       The final state; after Ctrl-C, the state after the last completed call.
     """
+    try:
+        data = _grain.as_batches(data)  # Grain datasets and loaders: iterables whose position can be saved
+    except PipelineError as err:
+        raise PipelineError(err.detail, pipeline=repr(pipe)) from None
     plan = _plan(
         pipe, state, data, epochs, batch_size, eval_data, eval_batch_size, log_every, device_data, on_nonfinite
     )
@@ -283,8 +287,8 @@ def fit(
         loop = _Loop(pipe, run, hook, bar, state, data, plan)
         loop.own_bar = supplied is None
         hook.jaxpipe_fit_start(run=run, state=state)
-        # Ctrl-C (or a kernel interrupt from the dashboard's Stop button) stays "stop after this call"
-        # until the end hooks have saved: a late one must not cut a checkpoint short.
+        # Ctrl-C (or the kernel's interrupt button) stays "stop after this call" until the end hooks
+        # have saved: a late one must not cut a checkpoint short. The dashboard's Stop calls run.stop().
         with _graceful_interrupt(run):
             try:
                 loop.train()

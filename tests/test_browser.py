@@ -5,7 +5,8 @@ render in the page: the inspector's tabs (and a lazily computed tab), the
 fit dashboard's Stop button and metric charts, and treescope's tree. A cell
 added to the test's copy of the notebook starts a long checkpointed ``fit``;
 the test clicks its Stop button while the cell runs and checks that training
-ended cleanly after a step, with that step saved. Screenshots go to pytest's
+ended cleanly after a step, with that step saved (the click travels as an
+ordinary widget message, which the dashboard reads between steps). Screenshots go to pytest's
 tmp dir and to ``tests/artifacts/``.
 """
 
@@ -149,10 +150,10 @@ def test_example_notebook_renders_inspector_and_dashboard_and_stop_ends_a_runnin
             charts = dashboard.locator("svg.jaxpipe-chart").all_text_contents()
             assert any(chart.startswith("loss = ") for chart in charts), charts
 
-            # the long fit, running in its cell: Stop interrupts the kernel, and fit stops after the step
+            # the long fit, running in its cell: the click reaches the kernel as a widget message, which the
+            # dashboard reads between steps, and fit stops after the step
             running = page.locator(".jaxpipe-dashboard").nth(1)
-            running.locator("button.jaxpipe-stop[data-kernel]").wait_for()  # armed: fit's loop has begun
-            running.get_by_text(re.compile(r"^step [1-9]\d*/")).wait_for()
+            running.get_by_text(re.compile(r"^step [1-9]\d*/")).wait_for()  # fit's loop has begun
             running.get_by_role("button", name="Stop").click()
             total = LONG_FIT_EPOCHS * 16
             ended = running.get_by_text(re.compile(rf"^stopped at step \d+/{total}: "))
@@ -162,8 +163,7 @@ def test_example_notebook_renders_inspector_and_dashboard_and_stop_ends_a_runnin
             outputs = page.locator(".jp-OutputArea-output")
             outputs.get_by_text(f"fit returned at step {step}").wait_for()  # the cell went on after fit
             assert outputs.get_by_text("KeyboardInterrupt").count() == 0  # no traceback in any output
-            stop = running.locator("button.jaxpipe-stop")
-            assert stop.is_disabled() and stop.get_attribute("data-kernel") is None  # a late click does nothing
+            assert running.locator("button.jaxpipe-stop").is_disabled()  # a late click does nothing
             assert str(step) in os.listdir(checkpoints)  # .checkpoint saved the stopped state
             page.locator("treescope-container").last.scroll_into_view_if_needed()  # treescope draws once in view
             page.wait_for_function(  # show_tree: the trained params, drawn by treescope in its shadow DOM

@@ -68,8 +68,10 @@ def check_inspector(nb: nbformat.NotebookNode) -> None:
     text, kinds = cell_with(nb, "show_inspector(per_example")
     assert WIDGET in kinds and "jax.jit(jax.vmap(jax.grad(loss), in_axes=(None, 0, 0, None)))" in text
     text, kinds = cell_with(nb, "trainer.fit(")
-    assert WIDGET in kinds  # the dashboard, and no tqdm bar beside it: its plain text is all the cell shows
-    assert text == "fit dashboard of Pipeline(batch_loss).optimize(tx=GradientTransformationExtraArgs(...)).jit()"
+    assert WIDGET in kinds  # the dashboard, and no tqdm bar beside it (fit may add a line on its steps per call)
+    assert text.startswith(
+        "fit dashboard of Pipeline(batch_loss).optimize(tx=GradientTransformationExtraArgs(...)).jit()"
+    )
     text, kinds = cell_with(nb, "show_tree(state.params)")
     assert "text/html" in kinds and "'w': # jax.Array float32(8,)" in text
 

@@ -31,6 +31,7 @@ PUBLIC: dict[str, set[str]] = {
         "Stage",
         "StageContext",
         "StageKind",
+        "TensorBoard",
         "Timing",
         "Training",
         "TrainLoss",
@@ -55,7 +56,7 @@ PUBLIC: dict[str, set[str]] = {
 PUBLIC_MODULES = {"errors", "hookspecs"}  # documented modules; the rest start with "_"
 
 # What `import jaxpipe` must not import: each costs 0.1-0.3 s and is needed only by some features.
-HEAVY = ("flax", "orbax", "IPython", "ipywidgets", "matplotlib", "sklearn")
+HEAVY = ("flax", "orbax", "IPython", "ipywidgets", "matplotlib", "sklearn", "tensorboardX", "grain")
 
 
 def public_names() -> set[str]:

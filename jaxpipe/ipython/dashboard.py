@@ -7,25 +7,16 @@ tqdm bar beside it. The view redraws at most every ``REFRESH_SECONDS`` and
 reads only ``run.history``, the floats ``fit`` already copied from the device,
 so it adds no device synchronisation to the loop.
 
-Stop ends training after the current step and ``fit`` returns normally, so a
-``.checkpoint()`` stage saves as at any end. A kernel reads a widget's click
-only once the cell it runs has finished, too late for a ``fit`` running in
-that cell; so the button's click asks the Jupyter server to interrupt the
-kernel, through its REST API (``POST {baseUrl}api/kernels/<id>/interrupt``,
-as JupyterLab's own interrupt button does), and ``fit`` takes that interrupt
-as "stop after this step". The kernel's id is the one in its connection
-file's name (``kernel-<id>.json``). The button interrupts only while ``fit``
-runs in the kernel's main thread, between ``jaxpipe_fit_start`` and the end
-of the loop; after the run it is disabled, so a late click cannot interrupt
-the next cell.
-
-Where the page is not served by a Jupyter server (JupyterLab and Notebook 7
-are; VS Code, for one, is not) or the request fails, and when ``fit`` runs on
-another thread, the click falls back to the widget message, which calls
-``run.stop()`` once the kernel reads it: at once for a ``fit`` on a
-background thread, but only after the cell for one in the cell itself. There,
-interrupt the kernel (VS Code's Interrupt button), which ``fit`` also treats
-as "stop after this step".
+Stop is an ordinary ``ipywidgets.Button``. A kernel reads a widget's click
+only once the running cell returns, too late for a ``fit`` in that cell; so
+while ``fit`` runs in the kernel's main thread the dashboard processes the
+kernel's pending widget messages once per training call (hook
+``jaxpipe_fit_step``, at most every ``POLL_SECONDS``; see
+:mod:`jaxpipe.ipython.uipoll`). The click then calls ``run.stop()`` between
+steps, ``fit`` ends after the current step and returns normally, so a
+``.checkpoint()`` stage saves as at any end. No JavaScript and no Jupyter server
+are involved, so it works alike in JupyterLab, Notebook, VS Code and Colab.
+For a ``fit`` on a background thread the kernel reads the click itself.
 """
 
 from __future__ import annotations
@@ -33,17 +24,15 @@ from __future__ import annotations
 import dataclasses
 import html
 import math
-import os
-import re
-import sys
-import threading
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 from jaxpipe.hookspecs import hookimpl
 
 REFRESH_SECONDS = 0.5
+POLL_SECONDS = 0.05  # between reads of the widget messages: a click is seen within ~50 ms
 MAX_POINTS = 400  # per chart: a longer history is thinned for drawing
 _TRAIN_COLOR, _EVAL_COLOR = "#1f77b4", "#ff7f0e"
 
@@ -77,6 +66,11 @@ class Series:
         return [(self.steps[i], self.values[i]) for i in sorted(set(picked)) if math.isfinite(self.values[i])]
 
 
+def metrics_of(row: dict[str, Any]) -> dict[str, Any]:
+    """A history row's metrics: all but its ``step`` and ``epoch``."""
+    return {name: value for name, value in row.items() if name not in ("step", "epoch")}
+
+
 class Metrics:
     """Each metric of a run as a :class:`Series`; ``read`` takes only the rows added since the last read,
     so a redraw costs the same at step 100 and at step 100,000."""
@@ -89,12 +83,12 @@ class Metrics:
         """Adds the run's new history rows (floats ``fit`` read back); says whether there were any."""
         rows, evals = run.history[self._rows :], run.eval_history[self._evals :]
         for offset, row in enumerate(rows, run.start_step + self._rows + 1):
-            for name, value in row.items():
-                self.series.setdefault(name, Series(_TRAIN_COLOR)).add(float(offset), value)
+            step = float(row.get("step", offset))
+            for name, value in metrics_of(row).items():
+                self.series.setdefault(name, Series(_TRAIN_COLOR)).add(step, value)
         for row in evals:
-            for name, value in row.items():
-                if name not in ("epoch", "step"):
-                    self.series.setdefault(name, Series(_EVAL_COLOR)).add(row["step"], value)
+            for name, value in metrics_of(row).items():
+                self.series.setdefault(name, Series(_EVAL_COLOR)).add(float(row["step"]), value)
         self._rows, self._evals = self._rows + len(rows), self._evals + len(evals)
         return bool(rows or evals)
 
@@ -156,61 +150,15 @@ def status_text(run: Any, elapsed: float) -> str:
     """One line: where the run is, its speed and its latest metrics."""
     total = f"/{run.total_steps}" if run.total_steps else ""
     done = run.step - run.start_step
-    latest = ", ".join(f"{k} {_format(v)}" for k, v in run.history[-1].items()) if run.history else ""
+    latest = ", ".join(f"{k} {_format(v)}" for k, v in metrics_of(run.history[-1]).items()) if run.history else ""
     speed = f"{done / elapsed:.3g} steps/s" if elapsed > 0 and done else ""
     return " · ".join(part for part in (f"step {run.step}{total}", speed, latest) if part)
 
-
-# --- the Stop button: a kernel interrupt through the Jupyter server ------------------------
-
-# The button's click handler (see the module docstring). ``data-kernel`` is set only while an
-# interrupt means "stop after this step"; without it, or without a Jupyter server's page
-# config, or when the request fails, it clicks the hidden widget button instead (run.stop()).
-_STOP_ONCLICK = """if (this.disabled) return;
-this.disabled = true; this.textContent = 'Stopping\u2026';
-var button = this, kernel = button.dataset.kernel;
-var config = document.getElementById('jupyter-config-data');
-var viaWidget = function () {
-  var hidden = button.closest('.jaxpipe-dashboard')?.querySelector('.jaxpipe-stop-comm');
-  if (hidden) hidden.click();
-};
-if (!kernel || !config) return viaWidget();
-var base = (JSON.parse(config.textContent).baseUrl || '/').replace(/\\/?$/, '/');
-var xsrf = document.cookie.match(/(?:^|;\\s*)_xsrf=([^;]*)/);
-fetch(base + 'api/kernels/' + encodeURIComponent(kernel) + '/interrupt', {
-  method: 'POST', credentials: 'same-origin', headers: xsrf ? {'X-XSRFToken': xsrf[1]} : {}
-}).then(function (response) { if (!response.ok) viaWidget(); }, viaWidget);"""
 
 _STOP_TOOLTIP = (
     "End training after the current step; fit returns the state so far (checkpointed if the pipeline has a "
     ".checkpoint stage)."
 )
-
-
-def kernel_id() -> str | None:
-    """This kernel's id on its Jupyter server, from its connection file ``kernel-<id>.json``; None outside one."""
-    if "ipykernel" not in sys.modules:  # not in a Jupyter kernel: nothing to import
-        return None
-    from ipykernel.connect import get_connection_file
-
-    try:
-        name = os.path.basename(get_connection_file())
-    except (RuntimeError, OSError):  # ipykernel imported, but no kernel running here
-        return None
-    match = re.fullmatch(r"kernel-([0-9A-Za-z-]+)\.json", name)
-    return match.group(1) if match else None
-
-
-def stop_button_html(label: str = "Stop", *, kernel: str | None = None, enabled: bool = True) -> str:
-    """The Stop button; with ``kernel``, its click interrupts that kernel (see the module docstring)."""
-    attributes = f' onclick="{html.escape(_STOP_ONCLICK)}"' if enabled else " disabled"
-    if enabled and kernel is not None:
-        attributes += f' data-kernel="{html.escape(kernel)}"'
-    style = " mod-danger" if enabled else ""
-    return (
-        f'<button type="button" class="jupyter-widgets jupyter-button widget-button jaxpipe-stop{style}" '
-        f'title="{html.escape(_STOP_TOOLTIP)}"{attributes}><i class="fa fa-stop"></i> {html.escape(label)}</button>'
-    )
 
 
 # --- the view of one run --------------------------------------------------------------
@@ -227,37 +175,50 @@ class FitView:
         import ipywidgets
 
         self.run = run
-        self.started = self._drawn = time.monotonic()
+        self.started = self._drawn = self._polled = time.monotonic()
         self.metrics = Metrics()
         self.title = ipywidgets.HTML(value=f"<b>fit</b> <code>{html.escape(repr(run.pipeline))}</code>")
         self.progress = ipywidgets.IntProgress(value=run.step, min=0, max=run.total_steps or max(run.step, 1))
         self.status = ipywidgets.HTML()
-        self.stop_control = ipywidgets.HTML(stop_button_html())  # the Stop button in the page
-        self.stop_button = ipywidgets.Button(  # its widget-message route: hidden, clicked by stop_control
-            description="Stop",
-            icon="stop",
-            button_style="danger",
-            tooltip=_STOP_TOOLTIP,
-            layout=ipywidgets.Layout(display="none"),
+        self.status.add_class("jaxpipe-status")
+        self.stop_button = ipywidgets.Button(
+            description="Stop", icon="stop", button_style="danger", tooltip=_STOP_TOOLTIP
         )
-        self.stop_button.add_class("jaxpipe-stop-comm")
+        self.stop_button.add_class("jaxpipe-stop")
         self.stop_button.on_click(lambda _: self.stop())
         self.closed = False
+        self.poller: Any = None  # reads the click while fit runs in the cell (see the module docstring)
         self.plot = ipywidgets.HTML()
         self.widget = ipywidgets.VBox(
-            [self.title, ipywidgets.HBox([self.progress, self.stop_control, self.stop_button, self.status]), self.plot]
+            [self.title, ipywidgets.HBox([self.progress, self.stop_button, self.status]), self.plot]
         )
         self.widget.add_class("jaxpipe-dashboard")
         self.draw()
 
     def arm(self) -> None:
-        """Lets a click interrupt the kernel; called as the loop starts, where ``fit`` reads SIGINT as "stop"."""
-        kernel = kernel_id() if threading.current_thread() is threading.main_thread() else None
-        if kernel is not None and not self.closed and not self.stop_button.disabled:
-            self.stop_control.value = stop_button_html(kernel=kernel)
+        """Starts reading widget messages between steps; called as the loop starts."""
+        from jaxpipe.ipython.uipoll import comm_poller
+
+        if not self.closed and self.poller is None:
+            self.poller = comm_poller()
+
+    def poll(self) -> None:
+        """Handles a pending click, at most every ``POLL_SECONDS`` (a clock read in between)."""
+        if self.poller is not None and time.monotonic() - self._polled >= POLL_SECONDS:
+            try:
+                self.poller.poll()
+            except Exception as err:  # training goes on; the click is then read after the cell
+                self.disarm()
+                warnings.warn(f"the dashboard stopped reading its Stop button during this run: {err!r}", stacklevel=2)
+            self._polled = time.monotonic()
+
+    def disarm(self) -> None:
+        if self.poller is not None:
+            self.poller.close()
+            self.poller = None
 
     def stop(self) -> None:
-        """Ends training after the current step (the Stop button's widget route)."""
+        """Ends training after the current step (the Stop button's click)."""
         if self.closed:  # a click the kernel read only after the run ended
             return
         self.run.stop()
@@ -266,7 +227,6 @@ class FitView:
     def _show_stopping(self) -> None:
         self.stop_button.disabled = True
         self.stop_button.description = "Stopping…"
-        self.stop_control.value = stop_button_html("Stopping…", enabled=False)
 
     def draw(self) -> None:
         """Redraws progress, status and (when the history grew) the plot from the run."""
@@ -279,16 +239,13 @@ class FitView:
         self.status.value = html.escape(status_text(run, now - self.started))
         if self.metrics.read(run) or not self.plot.value:
             self.plot.value = plot_html(self.metrics)
-        if run.stop_requested and not self.stop_button.disabled:  # stopped by an interrupt or run.stop()
+        if run.stop_requested and not self.stop_button.disabled:  # stopped by Ctrl-C or run.stop()
             self._show_stopping()
 
     def finish(self, message: str) -> None:
         """Shows how the run ended and retires the Stop button."""
-        self.closed = True
-        self.draw()
-        self.stop_button.disabled = True
+        self.close()
         self.stop_button.button_style = ""
-        self.stop_control.value = stop_button_html(enabled=False)
         self.status.value = html.escape(message)
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
@@ -310,10 +267,11 @@ class FitView:
         print(text)  # as tqdm.write: epoch summaries stay in the cell's text output
 
     def close(self) -> None:
-        """The loop has ended: from now on a click neither interrupts the kernel nor stops the run."""
+        """The loop has ended: a later click does nothing, and the kernel gets back the requests held."""
+        self.disarm()
         self.closed = True
         self.draw()
-        self.stop_control.value = stop_button_html(self.stop_button.description, enabled=False)
+        self.stop_button.disabled = True
 
 
 def end_message(run: Any, seconds: float) -> str:
@@ -325,9 +283,6 @@ def end_message(run: Any, seconds: float) -> str:
     message = (
         f"{how} at step {run.step}{f'/{run.total_steps}' if run.total_steps else ''}: {done} steps in {seconds:.3g} s"
     )
-    checkpoint = next((s for s in run.pipeline.stages if s.name == "checkpoint"), None)
-    if checkpoint is not None and "directory" in checkpoint.options:
-        message += f"; state saved by .checkpoint in {checkpoint.options['directory']}"
     return message
 
 
@@ -336,6 +291,8 @@ def end_message(run: Any, seconds: float) -> str:
 
 class Dashboard:
     """Shows a :class:`FitView` for every ``fit`` run while registered."""
+
+    accepts_calls = True  # draws run.history and polls Stop once per call (each call lasts a bounded time)
 
     def __init__(self) -> None:
         self.views: dict[int, FitView] = {}
@@ -348,12 +305,19 @@ class Dashboard:
         display(view)
         return view
 
-    @hookimpl(trylast=True)  # the last step before the loop, inside which fit reads SIGINT as "stop"
+    @hookimpl(trylast=True)  # the last step before the loop
     def jaxpipe_fit_start(self, run: Any, state: Any) -> None:
         del state  # the view shows the run
         view = self.views.get(id(run))
         if view is not None:
             view.arm()
+
+    @hookimpl
+    def jaxpipe_fit_step(self, run: Any, state: Any, metrics: Any) -> None:
+        del state, metrics  # a click is read between steps; metrics are read back by fit
+        view = self.views.get(id(run))
+        if view is not None:
+            view.poll()
 
     @hookimpl(trylast=True)  # after a checkpoint stage's save at fit end
     def jaxpipe_fit_end(self, run: Any, state: Any) -> None:
