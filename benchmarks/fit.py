@@ -33,15 +33,15 @@ import subprocess
 import sys
 import time
 
+import _timing as rounds  # the paired-rounds helpers shared by the benchmarks (benchmarks/_timing.py)
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jaxpipe._demo import digits
+from jaxpipe_demo import digits
 
 from jaxpipe import Pipeline, hookimpl
-from jaxpipe import _inspect as rounds  # the paired-rounds helpers (one line to change if they move)
 
 BATCH, HIDDEN, CLASSES, LR = 128, 256, 10, 1e-3
 

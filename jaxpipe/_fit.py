@@ -401,7 +401,7 @@ def _say_complete(pipe: Pipeline, run: FitRun, resumed: bool) -> None:
     print(
         f"fit: the run is already complete: {source} is at step {run.step} of {run.total_steps} "
         f"({run.epochs} epochs); nothing to train. To train more, raise `epochs` (e.g. epochs={run.epochs * 2}); "
-        f"to start over, pass fit(..., resume=False) or use a new directory.",
+        f"to start over, use a new directory, or trainer.init(key, batch, resume=False) and fit(..., resume=False).",
         file=sys.stderr,
     )
 

@@ -415,14 +415,16 @@ class Pipeline:
 
     # --- training (stages from the Flax, Optax and Orbax plugins) ---------------
 
-    def init(self, key: Any, sample_batch: Any, *, params: Any = None) -> Any:
+    def init(self, key: Any, sample_batch: Any, *, params: Any = None, resume: bool = True) -> Any:
         """The initial :class:`~jaxpipe.TrainState`, or the newest checkpoint's.
 
         ``key`` is split into a parameter key, the state's step key and its data
         key (:func:`jaxpipe.split_init_key`). ``params`` starts a pipeline
-        without a ``.model`` stage from given parameters.
+        without a ``.model`` stage from given parameters. ``resume=False``
+        restores nothing: the fresh state, to start a run over with
+        ``fit(..., resume=False)``.
         """
-        return _train.init(self, key, sample_batch, params=params)
+        return _train.init(self, key, sample_batch, params=params, resume=resume)
 
     def fit(self, state: Any, data: Any, *, epochs: int = 1, batch_size: int | None = None, **options: Any) -> Any:
         """Trains from ``state``; ``epochs`` is the run's total. See :func:`jaxpipe.fit`."""

@@ -137,7 +137,7 @@ def _check_sample_batch(batch: Any, pipe: Pipeline) -> None:
         )
 
 
-def init(pipe: Pipeline, key: jax.Array, sample_batch: Any, params: Any = None) -> TrainState:
+def init(pipe: Pipeline, key: jax.Array, sample_batch: Any, params: Any = None, resume: bool = True) -> TrainState:
     """Builds the initial state from the stages' ``init``; see ``Pipeline.init``."""
     _check_key(key, pipe)
     _check_sample_batch(sample_batch, pipe)
@@ -170,7 +170,7 @@ def init(pipe: Pipeline, key: jax.Array, sample_batch: Any, params: Any = None) 
         pipe, add_share, state, lambda stage, err: f"initialising `.{stage.name}()` failed: {type(err).__name__}: {err}"
     )
     with run_hooks(pipe) as hook:
-        restored = hook.jaxpipe_init_state(pipeline=pipe, state=state)
+        restored = hook.jaxpipe_init_state(pipeline=pipe, state=state) if resume else None
         state = state if restored is None else restored
         placed = hook.jaxpipe_place_state(pipeline=pipe, state=state)
     return state if placed is None else placed

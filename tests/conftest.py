@@ -5,7 +5,10 @@ from __future__ import annotations
 import contextlib
 import gc
 import sys
-from collections.abc import Iterator
+import textwrap
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -83,3 +86,32 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(getattr(pytest.mark, name))
         if getattr(item, "originalname", item.name) in SLOW_TESTS.get(item.path.name, ()):
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture
+def install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str, str], str]]:
+    """``install(entry_point_name, source)``: a distribution on sys.path with that entry point, as pip would.
+
+    Writes ``<name>-0.1.dist-info/`` (METADATA, entry_points.txt) and the module; returns the module's
+    (unique) import name. Plugins load afresh before and after the test.
+    """
+    site = tmp_path / "site"
+    site.mkdir()
+    monkeypatch.syspath_prepend(str(site))
+    modules: list[str] = []
+
+    def install_plugin(name: str, source: str) -> str:
+        module = f"jaxpipe_test_{name}_{uuid.uuid4().hex[:8]}"
+        info = site / f"jaxpipe_test_{name}-0.1.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: jaxpipe-test-{name}\nVersion: 0.1\n")
+        (info / "entry_points.txt").write_text(f"[jaxpipe]\n{name} = {module}\n")
+        (site / f"{module}.py").write_text(textwrap.dedent(source))
+        modules.append(module)
+        return module
+
+    reset()
+    yield install_plugin
+    reset()
+    for module in modules:
+        sys.modules.pop(module, None)

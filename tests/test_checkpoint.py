@@ -675,6 +675,19 @@ def test_resume_false_moves_the_earlier_run_aside_and_starts_afresh(two_checkpoi
     assert int(pipe.init(jax.random.key(0), sample(data)).step) == 3
 
 
+def test_a_finished_run_trains_again_from_the_start_with_init_and_fit_resume_false(two_checkpoints, data):
+    pipe, directory, fresh = two_checkpoints
+    finished = pipe.init(jax.random.key(0), sample(data))
+    assert int(finished.step) == 8  # init restores the finished run ...
+    state = pipe.init(jax.random.key(0), sample(data), resume=False)  # ... unless told not to
+    assert int(state.step) == 0
+    again = pipe.fit(state, data, epochs=1, batch_size=BATCH, progress=False, resume=False)
+    assert int(again.step) == 8
+    for a, b in zip(jax.tree.leaves(again.params), jax.tree.leaves(finished.params), strict=True):
+        np.testing.assert_array_equal(a, b)  # the same seed and data: the same run again
+    assert "earlier-run-1" in os.listdir(directory)
+
+
 # --- readers never delete: an evaluation process reading while training writes ----------------------------------------
 
 

@@ -6,10 +6,7 @@ Throwaway plugins are real distributions on sys.path, found through their entry 
 from __future__ import annotations
 
 import sys
-import textwrap
 import threading
-import uuid
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,31 +19,6 @@ import pytest
 import jaxpipe
 from jaxpipe import Pipeline, PluginWarning
 from jaxpipe._plugins import plugin_manager, reset
-
-
-@pytest.fixture
-def install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str, str], Any]]:
-    """``install(entry_point_name, source)`` -> the plugin's module once loaded (lazily, by name)."""
-    site = tmp_path / "site"
-    site.mkdir()
-    monkeypatch.syspath_prepend(str(site))
-    modules: list[str] = []
-
-    def install_plugin(name: str, source: str) -> str:
-        module = f"jaxpipe_iso_{name}_{uuid.uuid4().hex[:8]}"
-        info = site / f"jaxpipe_iso_{name}-0.1.dist-info"
-        info.mkdir()
-        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: jaxpipe-iso-{name}\nVersion: 0.1\n")
-        (info / "entry_points.txt").write_text(f"[jaxpipe]\n{name} = {module}\n")
-        (site / f"{module}.py").write_text(textwrap.dedent(source))
-        modules.append(module)
-        return module
-
-    reset()
-    yield install_plugin
-    reset()
-    for module in modules:
-        sys.modules.pop(module, None)
 
 
 def hook_plugin(hook: str, raise_: str, args: str = "run, state, metrics", marker: str = "") -> str:

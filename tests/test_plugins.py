@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import sys
-import textwrap
-import uuid
 import warnings
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -53,33 +50,10 @@ def stage_plugin(stage: str) -> str:
 
 
 @pytest.fixture
-def install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str, str], str]]:
-    """``install(entry_point_name, source)``: a distribution on sys.path with that entry point.
-
-    Writes ``<name>-0.1.dist-info/`` (METADATA, entry_points.txt) and the module,
-    as pip would; returns the module's (unique) import name.
-    """
+def install(install: Callable[[str, str], str], monkeypatch: pytest.MonkeyPatch) -> Callable[[str, str], str]:
+    """conftest's ``install``, with the first-party plugins blocked: these tests are about the machinery."""
     monkeypatch.setenv("JAXPIPE_DISABLE_PLUGINS", FIRST_PARTY)
-    site = tmp_path / "site"
-    site.mkdir()
-    monkeypatch.syspath_prepend(str(site))
-    modules = []
-
-    def install_plugin(name: str, source: str) -> str:
-        module = f"jaxpipe_test_{name}_{uuid.uuid4().hex[:8]}"
-        info = site / f"jaxpipe_test_{name}-0.1.dist-info"
-        info.mkdir()
-        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: jaxpipe-test-{name}\nVersion: 0.1\n")
-        (info / "entry_points.txt").write_text(f"[jaxpipe]\n{name} = {module}\n")
-        (site / f"{module}.py").write_text(textwrap.dedent(source))
-        modules.append(module)
-        return module
-
-    reset()
-    yield install_plugin
-    reset()
-    for module in modules:
-        sys.modules.pop(module, None)
+    return install
 
 
 def loss(w: jax.Array, x: jax.Array) -> jax.Array:

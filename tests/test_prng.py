@@ -580,7 +580,7 @@ def shell():
     shell.run_cell("%unload_ext jaxpipe")
 
 
-def test_magic_returns_the_tree_and_warns(shell, capsys):
+def test_magic_returns_the_tree_and_shows_each_reuse_once(shell, capsys):
     assert shell.run_cell(
         "import jax\n"
         "def twice(key):\n"
@@ -595,10 +595,9 @@ def test_magic_returns_the_tree_and_warns(shell, capsys):
     assert isinstance(tree, KeyTree) and [r.kind for r in tree.reuses] == ["consumed twice"]
     cell = tree.reuses[0].places[0].rsplit(" at ", 1)[1]
     assert cell.endswith(":3") and tree.reuses[0].places[1].endswith(":3")
-    assert [str(w.message) for w in record if w.category is KeyReuseWarning] == [
-        f"PRNG key reuse in twice: {tree.reuses[0].message}"
-    ]
-    assert str(tree) in capsys.readouterr().out
+    assert [w for w in record if w.category is KeyReuseWarning] == []  # the tree shown lists it: said once
+    out = capsys.readouterr().out
+    assert str(tree) in out and out.count(tree.reuses[0].message) == 1
 
 
 def test_magic_on_a_correct_call_is_silent(shell, capsys):
