@@ -7,6 +7,7 @@ mesh axis (GSPMD), so the loss and the model stay unchanged.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -153,6 +154,16 @@ class OnMesh:
                 advice = err.detail + " With `fit`, choose a batch_size the mesh axis divides."
                 raise PipelineError(advice, stage_name="data_parallel").within(run.pipeline) from None
         return place_batch(batch, self.mesh, self.axis, stacked=stacked, whole=whole)
+
+    @hookimpl
+    def jaxpipe_batch_shards(self, run: Any) -> int:
+        del run  # one stage per run
+        return math.prod(self.mesh.shape[a] for a in _axis_names(self.axis))
+
+    @hookimpl
+    def jaxpipe_place_data(self, run: Any, data: Any) -> Any:
+        del run  # every process holds the whole data set: each keeps its rows
+        return place_batch(data, self.mesh, self.axis, stacked=False, whole=True)
 
 
 def check_data_parallel(ctx: StageContext, options: dict[str, Any]) -> None:

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpipe import _data_parallel, _fit_data, _fit_program, _grain, _mesh
+from jaxpipe import _fit_data, _fit_program, _grain
 from jaxpipe._fit_data import check_arrays, epoch_order  # noqa: F401  (epoch_order: the documented order)
 from jaxpipe._fold import fold
 from jaxpipe._stages import Stage, StageContext
@@ -552,7 +552,7 @@ class _Loop:
     def _train_on_device(self) -> None:
         run, schedule = self.run, self.schedule
         assert run.steps_per_epoch is not None and run.total_steps is not None and run.batch_size is not None
-        if self._mesh() is not None:  # the placing hook says, as for host batches, when the mesh cannot split one
+        if self.place_hooks:  # the placing hook says, as for host batches, when the devices cannot split one
             scanned = any(s.kind.steps_per_call is not None for s in self.pipe.stages)
             sample = {
                 k: np.asarray(v[: run.batch_size])[None] if scanned else v[: run.batch_size]
@@ -579,13 +579,17 @@ class _Loop:
             started = time.perf_counter()
             full = self._full_call(n, n)
             call = full.call if full is not None else program.call
+            before = _copy(self._raw) if full is not None and self.guard else None  # see _replay
             try:
                 self._raw, self.ok, rows = call(self._raw, self.ok, n, data, orders[epoch])
             except Exception as err:
                 self._explain(err)
                 raise
             names = full.names if full is not None else program.names
-            if not self._after_call(n, self._rows(rows, n, names), started, data_state=None):
+            fetch = self._rows(rows, n, names)
+            if before is not None:
+                fetch.replay = self._replay(program, before, (data, orders[epoch]))  # type: ignore[attr-defined]
+            if not self._after_call(n, fetch, started, data_state=None):
                 return
 
     def _train_groups(self) -> None:
@@ -620,7 +624,7 @@ class _Loop:
                     return
                 continue
             capacity = jax.tree.leaves(batches)[0].shape[0]
-            program = self._full_call(n, capacity) or _fit_program.program(
+            guarded = _fit_program.program(
                 self.pipe,
                 self.codec,
                 gather=False,
@@ -629,14 +633,33 @@ class _Loop:
                 capacity=capacity,
                 guard=self.guard,
             )
+            full = self._full_call(n, capacity)
+            program = full or guarded
+            before = _copy(self._raw) if full is not None and self.guard else None  # see _replay
             try:
                 self._raw, self.ok, out = program.call(self._raw, self.ok, n, batches)
             except Exception as err:
                 self._explain(err)
                 raise
             rows = self._rows(out, n, program.names)
+            if before is not None:
+                rows.replay = self._replay(guarded, before, (batches,))  # type: ignore[attr-defined]
             if not self._after_call(n, rows, started, data_state=data_state):
                 return
+
+    def _replay(self, guarded: _fit_program.Program, before: Any, source: tuple[Any, ...]) -> Callable[[int], None]:
+        """How to redo the finite steps of a full call from the state before it, should one step go non-finite.
+
+        A full call (a ``scan`` of k steps) has no guard inside, so that it costs
+        exactly its steps; it is rare that a row comes back non-finite, and then
+        the ``good`` steps before it run again through the guarded program, from
+        a copy of the state kept before the call: the same steps, the same bits.
+        """
+
+        def replay(good: int) -> None:
+            self._raw, self.ok, _ = guarded.call(before, jnp.bool_(True), good, *source)
+
+        return replay
 
     def _full_call(self, n: int, rows: int) -> _fit_program.Program | None:
         """The fixed-length program for a call of k steps (``rows`` batches), once k is known; else None."""
@@ -738,6 +761,9 @@ class _Loop:
                 values = {k: float(v) for k, v in zip(names, host[i], strict=True)}
                 run.history.append({"step": step, "epoch": run.epoch_of(step), **values})
             if good < n:
+                replay = getattr(fetch, "replay", None)
+                if replay is not None:  # a full call, unguarded: its state is redone up to the good steps
+                    replay(good)
                 self._nonfinite(first + good, names, host[good])
                 return
         if take and run.history:
@@ -787,31 +813,19 @@ class _Loop:
 
     # --- placing data -----------------------------------------------------------------------
 
-    def _mesh(self) -> tuple[Any, Any] | None:
-        stage = next((s for s in self.pipe.stages if s.name == "data_parallel"), None)
-        if stage is None:
-            return None
-        return _mesh.auto_mesh(stage.options["mesh"]), stage.options.get("axis", "data")
-
     def _shards(self) -> int:
-        found = self._mesh()
-        if found is None:
-            return 1
-        mesh, axis = found
-        return int(np.prod([mesh.shape[a] for a in (axis if isinstance(axis, tuple) else (axis,))]))
+        """How many devices share each batch (a ``.data_parallel`` stage's batch axis), as its hooks say."""
+        return self.hook.jaxpipe_batch_shards(run=self.run) or 1
 
     def _place_data(self) -> tuple[Any, int]:
         """The dict of arrays on the device(s), once; under ``.data_parallel`` split along the batch axis."""
         host = {k: np.asarray(v) for k, v in self.data.items()}
         size = next(iter(host.values())).shape[0]
-        found = self._mesh()
-        if found is None:
-            return jax.device_put(host), size
-        mesh, axis = found
         pad = -size % self._shards()  # rows the permutation never picks, so every device holds an equal share
         if pad:
             host = {k: np.concatenate([v, np.zeros((pad, *v.shape[1:]), v.dtype)]) for k, v in host.items()}
-        return _data_parallel.place_batch(host, mesh, axis, stacked=False, whole=True), size
+        placed = self.hook.jaxpipe_place_data(run=self.run, data=host)
+        return (jax.device_put(host) if placed is None else placed), size
 
     def _place_group(self, group: tuple[int, Any, Any]) -> tuple[int, Any, Any]:
         """A call's host batches, on the device (runs in the prefetch thread)."""

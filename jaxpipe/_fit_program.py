@@ -6,10 +6,12 @@ either gathers its batch on the device from data placed there once (the epoch's
 permutation is an argument; the position comes from ``state.step``, exactly as
 ``fit`` on the host chose batches), or takes the next of a stack of batches
 streamed from the host. The metrics of all steps come back as one
-``[capacity, n_metrics]`` array. With the finite-guard on, a step whose metrics
-are not all finite leaves the state as it was and ends the loop, so the state a
-call returns never comes from a non-finite step; the ``ok`` flag stays False, so
-calls already queued behind it change nothing.
+``[capacity, n_metrics]`` array. With the finite-guard on, a step of a ``while_loop``
+call whose metrics are not all finite leaves the state as it was and ends the
+loop; the ``ok`` flag stays False, so calls already queued behind it change
+nothing. The full calls (a ``scan`` of k steps) carry no guard, so they cost
+exactly the steps; ``fit`` keeps the state from before each and replays the
+finite steps of one that went wrong.
 
 Typed PRNG keys travel as their raw key data between calls (wrapped again inside
 the program), and the state is donated: nothing is allocated or re-wrapped per
@@ -42,10 +44,13 @@ def step_function(pipe: Pipeline) -> Callable[..., Any] | None:
     (an eager pipeline, or a jit with its own shardings or donation), or a
     stage after ``.jit()`` that changes the function.
     """
-    names = [stage.name for stage in pipe.stages]
-    if names.count("jit") != 1 or pipe.stages[names.index("jit")].options:
+    compiling = [i for i, stage in enumerate(pipe.stages) if stage.kind.compiles]
+    if len(compiling) != 1:
         return None
-    at = names.index("jit")
+    at = compiling[0]
+    jit = pipe.stages[at]
+    if jit.kind.distributes or jit.options:  # pmap, or a jit with its own shardings or donation
+        return None
     for stage in pipe.stages[at + 1 :]:
         try:
             if stage.apply(_probe) is not _probe:
@@ -54,7 +59,7 @@ def step_function(pipe: Pipeline) -> Callable[..., Any] | None:
             return None
     fn = pipe.fn
     for stage in pipe.stages[:at]:
-        if stage.name != "scan":
+        if stage.kind.steps_per_call is None:  # fit runs the steps of a call itself
             fn = stage.apply(fn)
     return fn
 
@@ -141,8 +146,9 @@ def program(
     this epoch's permutation; otherwise it is ``batches``, stacked on axis 0.
     ``static``: exactly ``capacity`` steps in a ``jax.lax.scan`` (``n`` unused),
     for the full calls: a loop whose length XLA knows needs no host round trip
-    per step on a GPU. Otherwise a ``while_loop`` of ``n <= capacity`` steps
-    (first calls, remainders), which stops at a non-finite step.
+    per step on a GPU, and no guard (``fit`` replays a call that went
+    non-finite). Otherwise a ``while_loop`` of ``n <= capacity`` steps (first
+    calls, remainders, replays), which with ``guard`` stops at a non-finite step.
     """
     step = step_function(pipe)
     assert step is not None
@@ -173,10 +179,10 @@ def program(
             def scan_body(carry: Any, i: jax.Array) -> Any:
                 ok, state = carry
                 new, row, finite = one_step(state, batch_at(state, i))
-                if guard:  # from a non-finite step on, the state stays as it was (see the cond below)
-                    ok = ok & finite
-                    new = jax.lax.cond(ok, lambda: new, lambda: state)
-                return (ok, new), row
+                # No guard inside: the step runs exactly as it would alone. ``fit`` keeps the state from
+                # before a full call and, if a row comes back non-finite, replays the steps before it with
+                # the guarded while_loop program below (the steps are deterministic: the same bits).
+                return (ok & finite, new), row
 
             (ok, state), rows = jax.lax.scan(scan_body, (ok, state), jnp.arange(capacity, dtype=jnp.int32))
             return state, ok, rows

@@ -182,6 +182,40 @@ def jaxpipe_place_batch(run: FitRun, batch: Any, whole: bool) -> Any:
 
 
 @hookspec(firstresult=True)
+def jaxpipe_batch_shards(run: FitRun) -> int | None:
+    """How many equal parts the devices split each batch into along its first axis.
+
+    ``fit`` pads a training set it puts on the devices to a multiple of this
+    (with rows its shuffle never picks) and budgets each device's share.
+    Stops at the first non-None result.
+
+    Args:
+      run: the :class:`~jaxpipe.FitRun`.
+
+    Returns:
+      The number of parts, or None for one device.
+    """
+
+
+@hookspec(firstresult=True)
+def jaxpipe_place_data(run: FitRun, data: dict[str, Any]) -> Any:
+    """Put a whole training set on the devices once, split along its first axis as the batches are.
+
+    Called by ``Pipeline.fit`` when the data fits on the devices; each call
+    then gathers its batches there. Every process passes the whole data set.
+    Stops at the first non-None result.
+
+    Args:
+      run: the :class:`~jaxpipe.FitRun`.
+      data: the training set as host arrays, rows a multiple of
+        ``jaxpipe_batch_shards``.
+
+    Returns:
+      The placed data, or None to let ``fit`` put it on the default device.
+    """
+
+
+@hookspec(firstresult=True)
 def jaxpipe_fit_progress(run: FitRun) -> Any:
     """Supply the progress display of ``fit``, in place of its tqdm bar.
 

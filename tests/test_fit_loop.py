@@ -171,6 +171,29 @@ def test_a_non_finite_loss_stops_with_the_step_epoch_batch_and_metric(diverging,
     assert isinstance(calls.run.error, PipelineError)
 
 
+@pytest.mark.parametrize("device_data", [True, False])
+def test_a_full_call_that_goes_non_finite_is_replayed_to_the_last_finite_step(data, device_data):
+    """Full calls carry no guard (they cost exactly their steps); the state before one is kept and replayed."""
+    trainer = Pipeline(linear_loss).optimize(optax.sgd(30.0)).jit()  # as `diverging`, its own measured k
+    trainer.fit(start(trainer, data), data, epochs=1, batch_size=BATCH, progress=False, device_data=device_data)
+    calls = Calls()
+    with pytest.raises(PipelineError, match=r"at step 12 \(epoch 2, batch 5 of 7\)") as caught:
+        trainer.fit(
+            start(trainer, data),
+            data,
+            epochs=3,
+            batch_size=BATCH,
+            progress=False,
+            device_data=device_data,
+            hooks=[calls],
+        )
+    assert calls.ends == [7] and calls.run.per_call.startswith("7 steps per call")  # steps 8-14: a full call
+    kept = caught.value.state
+    assert int(kept.step) == DIVERGES_AT - 1
+    want = host_order_fit(trainer, start(trainer, data), data, DIVERGES_AT - 1)
+    np.testing.assert_array_equal(kept.params["w"], want.params["w"])
+
+
 def test_on_nonfinite_stop_returns_the_last_finite_state_and_checkpoints_it(diverging, data, tmp_path):
     pipe = diverging.checkpoint(tmp_path / "ckpt", every=2, keep=None)
     with pytest.warns(RuntimeWarning, match=r"at step 12 "):
