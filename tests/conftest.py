@@ -57,6 +57,10 @@ MODULE_MARKS = {
     "test_checkpoint.py": ("slow",),
     "test_data_parallel.py": ("slow",),
     "test_flax_plugin.py": ("slow",),
+    "test_beyond_mean_loss.py": ("slow",),
+    "test_grain.py": ("slow", "multiprocess"),
+    "test_stop_kernel.py": ("slow",),
+    "test_readme.py": ("slow",),
 }
 SLOW_TESTS = {
     "test_magics.py": {"test_in_a_kernel_the_magics_show_html_and_the_inspector"},
