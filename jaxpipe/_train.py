@@ -34,7 +34,9 @@ class TrainState:
       step: optimizer steps taken (an int32 scalar array).
       params: the model's trainable parameters (Flax's ``params`` collection).
       opt_state: the Optax optimizer state.
-      key: the PRNG key; each step splits off a fresh dropout key from it.
+      key: the PRNG key of the steps: by default each step splits off a fresh
+        dropout key from it (``.model(..., rng=...)`` chooses another scheme;
+        a model that draws no random numbers leaves it as it is).
       model_state: the model's other mutable collections, e.g.
         ``{"batch_stats": ...}`` for BatchNorm; empty when there are none.
       data_key: the key ``fit`` shuffles with: epoch ``e`` uses
@@ -61,6 +63,11 @@ class TrainLoss(Protocol):
     model also needs a fresh dropout key and its mutable collections (BatchNorm
     statistics). ``.optimize`` differentiates :meth:`train`; calling the object
     gives the evaluation-mode loss, so ``.grad()`` or ``.jit()`` work on it too.
+
+    Optional, used by ``.optimize`` when present: a ``step`` keyword of
+    :meth:`train` (``state.step``, for a loss that names it) and a method
+    ``step_keys(key, step, params, batch, model_state) -> (next_key, keys)``,
+    the model's own per-step key scheme.
     """
 
     def __call__(self, params: Any, batch: Any, model_state: Any = None) -> jax.Array:
