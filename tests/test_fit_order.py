@@ -81,9 +81,6 @@ def reference(pipe, data):
 @pytest.mark.parametrize("options", [{}, {"device_data": True}, {"device_data": False}])
 def test_fit_is_bit_identical_to_the_host_loop(pipe, data, reference, options):
     state, want = reference
-    supported = {k: v for k, v in options.items() if _takes(pipe, k)}
-    if supported != options:
-        pytest.skip("fit has no such option yet")
     got = pipe.fit(state, data, epochs=EPOCHS, batch_size=BATCH, progress=False, **options)
     assert int(got.step) == EPOCHS * (N // BATCH)
     assert_bitwise(got, want)
@@ -109,10 +106,3 @@ def test_the_callers_state_stays_usable(pipe, data, reference):
     for a, b in zip(leaves(state), before, strict=True):  # not donated away
         np.testing.assert_array_equal(a, b)
 
-
-def _takes(pipe, name):
-    import inspect
-
-    from jaxpipe import _fit
-
-    return name in inspect.signature(_fit.fit).parameters
