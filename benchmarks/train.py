@@ -33,6 +33,7 @@ import jax
 import numpy as np
 import optax
 from _timing import format_seconds, paired_ratio, paired_rounds
+from jaxpipe_demo import hand_written_step
 
 from jaxpipe import Pipeline
 
@@ -57,25 +58,6 @@ SCHEDULE = optax.warmup_cosine_decay_schedule(0.0, 1e-3, 50, 10_000)
 
 def chain():
     return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(SCHEDULE))
-
-
-def hand_written_step(model, tx):
-    """The tutorial step, with the metrics jaxpipe reports."""
-
-    def train_step(state, batch):
-        key, dropout_key = jax.random.split(state.key)
-
-        def loss_fn(params):
-            logits = model.apply({"params": params}, batch["image"], train=True, rngs={"dropout": dropout_key})
-            return loss(logits, batch)
-
-        value, grads = jax.value_and_grad(loss_fn)(state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": value, "grad_norm": optax.tree.norm(grads), "learning_rate": SCHEDULE(state.step)}
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state, key=key), metrics
-
-    return jax.jit(train_step)
 
 
 def data(size: int) -> dict[str, np.ndarray]:
@@ -111,7 +93,7 @@ def main() -> None:
     train = data(BATCH * scan_steps)
     trainer = Pipeline(loss).model(model, input="image").optimize(tx, learning_rate=SCHEDULE).jit()
     state = trainer.init(jax.random.key(0), {k: v[:BATCH] for k, v in train.items()})
-    hand = hand_written_step(model, tx)
+    hand = hand_written_step(model, tx, SCHEDULE)  # the tutorial step, as the demo times it
     batch = jax.device_put({k: v[:BATCH] for k, v in train.items()})
     same = trainer.hlo(state, batch) == hand.lower(state, batch).as_text()
 

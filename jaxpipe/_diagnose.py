@@ -157,14 +157,15 @@ def _advise_concretization(pipe: Pipeline, err: Exception, text: str, args: Any,
     name = arg.group(1) if arg else None
     position = _position(pipe.fn, name)
     what = f"the value of argument `{name}`" if name else "the value of a traced array"
-    stage = pipe.stages[index].name if index is not None else "jit"
+    kind = pipe.stages[index].kind if index is not None else BUILTIN_STAGES["jit"]
+    stage = kind.name
     fixes = ["`jnp.where(cond, a, b)` for a value-dependent choice", "`jax.lax.cond` / `jax.lax.switch` for branches"]
-    if stage == "jit":
+    if kind is BUILTIN_STAGES["jit"]:
         static = f".jit(static_argnames=({name!r},))" if name else ".jit(static_argnums=(i,))"
         if position is not None:
             static += f" or .jit(static_argnums=({position},))"
         fixes.append(f"if it is a setting such as a flag or a size, mark it static: {static}")
-    elif stage == "vmap":
+    elif kind in _VMAP:
         fixes.append("in_axes=None for that argument if it is the same for the whole batch")
     return _placed(
         f"`{pipe.name}` needs {what} in Python (an `if`, `bool()`, `int()`, an array shape or a slice bound), "

@@ -105,4 +105,3 @@ def test_the_callers_state_stays_usable(pipe, data, reference):
     pipe.fit(state, data, epochs=1, batch_size=BATCH, progress=False)
     for a, b in zip(leaves(state), before, strict=True):  # not donated away
         np.testing.assert_array_equal(a, b)
-

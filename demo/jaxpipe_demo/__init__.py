@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpipe import Pipeline, enable_compilation_cache, hookimpl
+from jaxpipe import History, Pipeline, enable_compilation_cache
 from jaxpipe_demo.timing import format_seconds, paired_rounds  # shared with benchmarks/
 
 NEEDS = {"sklearn": "scikit-learn", "matplotlib": "matplotlib"}  # import name -> distribution
@@ -155,36 +155,19 @@ def hand_written_step(model: Any, tx: Any, schedule: Any) -> Any:
     return jax.jit(train_step)
 
 
-# TODO(lead): replace _History with jaxpipe.History() (issue 10) once the fit helper's branch is merged:
-# hooks=[history], rows from history.steps / history.epochs (it was not on this branch to use).
-class _History:
-    """Keeps the run's metrics, for the loss curve."""
-
-    run: Any = None
-
-    @hookimpl
-    def jaxpipe_fit_start(self, run: Any, state: Any) -> None:
-        del state  # the run holds what is needed
-        self.run = run
-
-
-def _save_history(out: Path, run: Any) -> list[dict[str, Any]]:
-    """Adds this run's rows to ``metrics.jsonl``, after the earlier runs' rows up to where it resumed.
+def _save_history(out: Path, history: History, start: int) -> list[dict[str, Any]]:
+    """Adds this run's rows to ``metrics.jsonl``, after the earlier runs' rows up to ``start``, where it resumed.
 
     Steps are counts of steps done and epochs count from 1 (the step's epoch; for an
     eval row, the epoch just finished), both ints, as everywhere a person reads them.
     """
     path = out / "metrics.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-    rows = [row for row in rows if row["step"] <= run.start_step]
-    per_epoch = run.steps_per_epoch
-    for i, row in enumerate(run.history):
-        step = run.start_step + i + 1
-        metrics = {k: v for k, v in row.items() if k not in ("step", "epoch")}
-        rows.append({"step": step, "epoch": (step - 1) // per_epoch + 1, **metrics})
-    for row in run.eval_history:
-        metrics = {k: v for k, v in row.items() if k not in ("step", "epoch")}
-        rows.append({"eval": True, "step": int(row["step"]), "epoch": int(row["epoch"]), **metrics})
+    rows = [row for row in rows if row["step"] <= start]
+    rows += history.steps
+    for row in history.epochs:
+        metrics = {k: v for k, v in row.items() if k.startswith("eval_")}
+        rows.append({"eval": True, "step": row["step"], "epoch": row["epoch"], **metrics})
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return rows
 
@@ -242,16 +225,16 @@ def training(out: Path, quick: bool = False) -> float | None:
     elif start:
         epoch = start // per_epoch + 1
         print(f"resumed at step {start} of {steps}: training goes on from there (epoch {epoch} of {EPOCHS})")
-    history = _History()
+    history = History()
     state = trainer.fit(state, train, epochs=EPOCHS, batch_size=BATCH_SIZE, eval_data=test, hooks=[history])
     if int(state.step) < steps:  # Ctrl-C: fit stopped after a step and the checkpoint stage saved it
-        _save_history(out, history.run)
+        _save_history(out, history, start)
         print(f"\ninterrupted at step {int(state.step)}; run again to resume")
         return None
     accuracy = evaluate(trainer, state, test)["accuracy"]
     print(f"test accuracy: {accuracy:.1%} on {len(test['label'])} held-out digits (goal: at least 95%)")
     print("trained parameters:\n" + str(param_summary(state.params)))
-    rows = _save_history(out, history.run)
+    rows = _save_history(out, history, start)
     _plot(rows, out / "loss.png")
     saved = sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.isdigit())
     print(

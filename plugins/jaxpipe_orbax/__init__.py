@@ -62,7 +62,7 @@ def _check(ctx: StageContext, options: dict[str, Any]) -> None:
             f"`keep` must be a positive int (how many checkpoints to keep) or None (keep all), got {keep!r}; "
             f"e.g. keep=3."
         )
-    if any(stage.name == "checkpoint" for stage in ctx.stages):
+    if any(stage.kind.apply is checkpoint for stage in ctx.stages):  # this stage, as the registry holds it
         raise ValueError(
             "this pipeline already has a `.checkpoint()` stage, and one run saves to one directory.\n"
             "Keep a single `.checkpoint(...)`."
