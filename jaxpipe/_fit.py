@@ -281,7 +281,7 @@ def fit(
         state = state if placed is None else placed
         run.start_step = run.step = int(state.step)
         if total is not None and run.step >= total:
-            _say_complete(pipe, run, resumed is not None)
+            _say_complete(run, resumed is not None)
         supplied = hook.jaxpipe_fit_progress(run=run) if progress is True else None  # e.g. the dashboard
         bar = supplied if supplied is not None else _progress(progress, total, run.step)
         loop = _Loop(pipe, run, hook, bar, state, data, plan)
@@ -396,7 +396,7 @@ def _positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
-def _say_complete(pipe: Pipeline, run: FitRun, resumed: bool) -> None:
+def _say_complete(run: FitRun, resumed: bool) -> None:
     source = "the newest checkpoint" if resumed else "the state"
     print(
         f"fit: the run is already complete: {source} is at step {run.step} of {run.total_steps} "
@@ -407,16 +407,12 @@ def _say_complete(pipe: Pipeline, run: FitRun, resumed: bool) -> None:
 
 
 def _every(pipe: Pipeline) -> list[int]:
-    """Step periods the stages act on (an ``every`` option, e.g. ``.checkpoint(every=...)``), default included."""
-    periods = []
-    for stage in pipe.stages:
-        if stage.kind.training is None or stage.kind.training.run_hooks is None:
-            continue
-        parameter = stage.kind.signature.parameters.get("every")
-        value = stage.options.get("every", parameter.default if parameter is not None else None)
-        if _positive_int(value):
-            periods.append(value)
-    return periods
+    """Step periods the stages' run hooks act on (``Training.period``, e.g. ``.checkpoint(every=...)``)."""
+    return [
+        stage.kind.training.period(dict(stage.options))
+        for stage in pipe.stages
+        if stage.kind.training is not None and stage.kind.training.period is not None
+    ]
 
 
 def _wants_every_step(hook: Any, hooks: Sequence[object]) -> bool:
@@ -494,9 +490,9 @@ class _Loop:
         self.k_reason = "set by .scan" if explicit else "auto"
         if explicit is None and _wants_every_step(hook, plan["hooks"]):
             explicit, self.k_reason = 1, "a hook sees every step"
-        self.schedule = _Schedule(explicit, run.steps_per_epoch, run.total_steps, _every(pipe))
-        self.step_hooks = bool(hook.jaxpipe_fit_step.get_hookimpls())
         self.every = _every(pipe)
+        self.schedule = _Schedule(explicit, run.steps_per_epoch, run.total_steps, self.every)
+        self.step_hooks = bool(hook.jaxpipe_fit_step.get_hookimpls())
         self.place_hooks = bool(hook.jaxpipe_place_batch.get_hookimpls())
         self.codec = _fit_program.KeyCodec.of(state)
         self.compiled = _fit_program.step_function(pipe) is not None

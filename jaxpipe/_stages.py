@@ -66,12 +66,16 @@ class Training:
       outside_fit: for a stage whose run hooks do its work (nothing happens when
         the step is called by hand), what to do instead; calling such a pipeline
         directly warns once with it. Empty when a direct call loses nothing.
+      period: ``period(options) -> steps`` between the run hooks' own actions
+        (e.g. saves every ``every`` steps), so ``fit`` ends its many-step calls
+        there; None when the hooks act at any step.
     """
 
     init: Callable[..., Any] | None = None
     evaluate: Callable[..., Any] | None = None
     run_hooks: Callable[[dict[str, Any]], object] | None = None
     outside_fit: str = ""
+    period: Callable[[dict[str, Any]], int] | None = None
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

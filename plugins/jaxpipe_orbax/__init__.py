@@ -91,6 +91,7 @@ CHECKPOINT = StageKind(
     keeps_program=True,
     training=Training(
         run_hooks=lambda options: Checkpointer(**options),
+        period=lambda options: options.get("every", 100),  # fit ends its calls where a save falls due
         outside_fit="It saves and restores only inside `trainer.init` and `trainer.fit`: train with "
         "`trainer.fit(state, data)`, or in a loop written by hand call `trainer.save(state)` and "
         "`trainer.restore(state)` yourself.",
