@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxpipe import _fit_data, _fit_program, _grain
-from jaxpipe._fit_data import check_arrays, epoch_order  # noqa: F401  (epoch_order: the documented order)
+from jaxpipe._fit_data import check_arrays
 from jaxpipe._fold import fold
 from jaxpipe._stages import Stage, StageContext
 from jaxpipe._train import TrainState, run_hooks, scan_steps
@@ -118,13 +118,6 @@ class FitRun:
         return (step - 1) // self.steps_per_epoch + 1 if self.steps_per_epoch else 1
 
 
-# --- data ---------------------------------------------------------------------
-
-
-def _check_arrays(data: Mapping[str, Any], what: str) -> int:
-    return check_arrays(data, what, argument="eval_data")
-
-
 # --- evaluation ------------------------------------------------------------------
 
 
@@ -157,7 +150,7 @@ def evaluate(
             "this pipeline has no stage that can evaluate (a `.model(...)` stage does).",
             pipeline=repr(pipe),
         )
-    size = _check_arrays(data, "eval data")
+    size = check_arrays(data, "eval data", argument="eval_data")
     batch_size = min(batch_size or size, size)
     totals: dict[str, float] = {}
     for start in range(0, size, batch_size):
@@ -486,7 +479,8 @@ class _Loop:
         self.guard: bool = plan["guard"]
         self.nonfinite: str | None = None
         self.pending: list[tuple[int, int, Callable[[], tuple[list[str], np.ndarray]]]] = []
-        explicit = scan_steps(pipe) if any(s.kind.steps_per_call is not None for s in pipe.stages) else None
+        self.scanned = any(s.kind.steps_per_call is not None for s in pipe.stages)  # e.g. .scan(k): batches stacked
+        explicit = scan_steps(pipe) if self.scanned else None
         self.k_reason = "set by .scan" if explicit else "auto"
         if explicit is None and _wants_every_step(hook, plan["hooks"]):
             explicit, self.k_reason = 1, "a hook sees every step"
@@ -495,9 +489,8 @@ class _Loop:
         self.step_hooks = bool(hook.jaxpipe_fit_step.get_hookimpls())
         self.place_hooks = bool(hook.jaxpipe_place_batch.get_hookimpls())
         self.codec = _fit_program.KeyCodec.of(state)
-        self.compiled = _fit_program.step_function(pipe) is not None
         self.mode, why = "host", "the pipeline called as built (no plain `.jit()`)"
-        if self.compiled:
+        if _fit_program.step_function(pipe) is not None:
             self.mode, why = "stream", "batches streamed from the host"
             if isinstance(data, Mapping):
                 on_device, why = _fit_data.choose_device_data(plan["device_data"], data, self._shards())
@@ -549,9 +542,8 @@ class _Loop:
         run, schedule = self.run, self.schedule
         assert run.steps_per_epoch is not None and run.total_steps is not None and run.batch_size is not None
         if self.place_hooks:  # the placing hook says, as for host batches, when the devices cannot split one
-            scanned = any(s.kind.steps_per_call is not None for s in self.pipe.stages)
             sample = {
-                k: np.asarray(v[: run.batch_size])[None] if scanned else v[: run.batch_size]
+                k: np.asarray(v[: run.batch_size])[None] if self.scanned else v[: run.batch_size]
                 for k, v in self.data.items()
             }
             self.hook.jaxpipe_place_batch(run=run, batch=sample, whole=True)
@@ -826,16 +818,15 @@ class _Loop:
     def _place_group(self, group: tuple[int, Any, Any]) -> tuple[int, Any, Any]:
         """A call's host batches, on the device (runs in the prefetch thread)."""
         n, batches, data_state = group
-        scanned = any(s.kind.steps_per_call is not None for s in self.pipe.stages)
         if isinstance(batches, list):
-            if self.mode == "host" and not scanned:
+            if self.mode == "host" and not self.scanned:
                 batches = batches[0]
             else:
                 batches = _stack(batches)
         if self.mode != "host":  # padded to k rows (never run): one compiled program for every call
             batches = _pad(batches, max(n, self.schedule.k))
         whole = isinstance(self.data, Mapping)  # every process holds the whole data set
-        if self.mode == "host" or scanned:
+        if self.mode == "host" or self.scanned:
             placed = self.hook.jaxpipe_place_batch(run=self.run, batch=batches, whole=whole)
             return n, batches if placed is None else placed, data_state
         if self.place_hooks:  # one batch at a time, as the hooks expect, then stacked on the device
