@@ -15,34 +15,37 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from jaxpipe._pipeline import Pipeline
+    from jaxpipe._stages import Stage
 
 SIZE = 256
 _shared: collections.OrderedDict[Hashable, Callable[..., Any]] = collections.OrderedDict()
 
 
+def program(pipe: Pipeline) -> tuple[Stage, ...]:
+    """The stages that shape the built program (not those declared ``keeps_program``)."""
+    return tuple(stage for stage in pipe.stages if not stage.kind.keeps_program)
+
+
 def key(pipe: Pipeline) -> Hashable | None:
     """What the built program depends on; None when the function or an option cannot be hashed."""
-    program = tuple(stage for stage in pipe.stages if not stage.kind.keeps_program)
+    k = (pipe.fn, program(pipe))
     try:
-        hash((pipe.fn, program))
+        hash(k)
     except TypeError:
         return None
-    return (pipe.fn, program)
+    return k
 
 
-def lookup(pipe: Pipeline) -> Callable[..., Any] | None:
-    found = None
-    k = key(pipe)
-    if k is not None:
-        found = _shared.get(k)
-        if found is not None:
-            _shared.move_to_end(k)
+def lookup(k: Hashable | None) -> Callable[..., Any] | None:
+    """The callable built for ``key(pipe)`` before, if it is still kept."""
+    found = _shared.get(k) if k is not None else None
+    if found is not None:
+        _shared.move_to_end(k)
     return found
 
 
-def share(pipe: Pipeline, built: Callable[..., Any]) -> None:
-    """Pipelines equal to ``pipe`` (in the stages that shape the program) build to ``built`` from now on."""
-    k = key(pipe)
+def share(k: Hashable | None, built: Callable[..., Any]) -> None:
+    """Pipelines with this ``key`` build to ``built`` from now on."""
     if k is None:
         return
     _shared[k] = built

@@ -17,7 +17,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxpipe._mesh import auto_mesh, check_mesh, check_split, mesh_code
-from jaxpipe._train import TrainState, scan_steps
+from jaxpipe._train import TrainState, stacks_batches
 from jaxpipe.errors import PipelineError
 from jaxpipe.hookspecs import hookimpl
 
@@ -146,7 +146,7 @@ class OnMesh:
 
     @hookimpl
     def jaxpipe_place_batch(self, run: Any, batch: Any, whole: bool) -> Any:
-        stacked = scan_steps(run.pipeline) > 1
+        stacked = stacks_batches(run.pipeline)  # as fit stacks them, also for .scan(1)
         if jax.process_count() == 1 or whole:
             try:
                 check_batch(self.mesh, self.axis, batch, f".data_parallel(axis={self.axis!r})", stacked=stacked)

@@ -78,8 +78,8 @@ def _is(pipe: Pipeline, index: int | None, kinds: tuple[StageKind, ...]) -> bool
 
 
 def _first(pipe: Pipeline, where: Callable[[StageKind], bool]) -> int | None:
-    number = _fold.numbered(pipe.stages, lambda stage: where(stage.kind))
-    return None if number is None else number - 1
+    """The index of the first stage whose kind ``where`` accepts, else None."""
+    return next((index for index, stage in enumerate(pipe.stages) if where(stage.kind)), None)
 
 
 # --- grad of a non-scalar output ----------------------------------------------

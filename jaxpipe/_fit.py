@@ -32,7 +32,7 @@ from jaxpipe import _fit_data, _fit_program, _grain
 from jaxpipe._fit_data import check_arrays
 from jaxpipe._fold import fold
 from jaxpipe._stages import Stage, StageContext
-from jaxpipe._train import TrainState, run_hooks, scan_steps
+from jaxpipe._train import TrainState, run_hooks, scan_steps, stacks_batches
 from jaxpipe.errors import PipelineError
 
 if TYPE_CHECKING:
@@ -479,7 +479,7 @@ class _Loop:
         self.guard: bool = plan["guard"]
         self.nonfinite: str | None = None
         self.pending: list[tuple[int, int, Callable[[], tuple[list[str], np.ndarray]]]] = []
-        self.scanned = any(s.kind.steps_per_call is not None for s in pipe.stages)  # e.g. .scan(k): batches stacked
+        self.scanned = stacks_batches(pipe)  # e.g. .scan(k): batches stacked
         explicit = scan_steps(pipe) if self.scanned else None
         self.k_reason = "set by .scan" if explicit else "auto"
         if explicit is None and _wants_every_step(hook, plan["hooks"]):
@@ -844,8 +844,9 @@ class _Loop:
         explained = _diagnose.explain_error(self.pipe, err, (self.state(), None), {})
         if explained is not None:
             raise explained from err
-        if isinstance(err, PipelineError) and err.within(self.pipe) is not err:
-            raise err.within(self.pipe) from err  # a stage's own error, raised knowing only its name
+        located = err.within(self.pipe) if isinstance(err, PipelineError) else err
+        if located is not err:
+            raise located from err  # a stage's own error, raised knowing only its name
 
 
 @jax.jit

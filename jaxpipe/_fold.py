@@ -7,7 +7,7 @@ reads the same wherever it happens.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from jaxpipe._arguments import signature_of
@@ -76,8 +76,3 @@ def explain(pipe: Pipeline) -> str:
 
     expression = fold(pipe, wrap, pipe.name, lambda stage, err: f"explaining `.{stage.name}()` failed: {err}")
     return "\n\n".join([*definitions, expression])
-
-
-def numbered(stages: Sequence[Stage], where: Callable[[Stage], bool]) -> int | None:
-    """The 1-based number of the first stage for which ``where`` holds, else None."""
-    return next((number for number, stage in enumerate(stages, 1) if where(stage)), None)

@@ -323,10 +323,11 @@ class Pipeline:
         """
         built = self._built
         if built is None:
-            built = _compiled.lookup(self)
+            key = _compiled.key(self)
+            built = _compiled.lookup(key)
             if built is None:
                 built = _fold.build(self)
-                _compiled.share(self, built)
+                _compiled.share(key, built)
             object.__setattr__(self, "_built", built)
         return built
 
@@ -343,8 +344,9 @@ class Pipeline:
             explained = _diagnose.explain_error(self, err, args, kwargs)
             if explained is not None:
                 raise explained from err
-            if isinstance(err, PipelineError) and err.within(self) is not err:
-                raise err.within(self) from err  # a stage's own error, raised knowing only its name
+            located = err.within(self) if isinstance(err, PipelineError) else err
+            if located is not err:
+                raise located from err  # a stage's own error, raised knowing only its name
             raise
 
     def _first_call(self) -> Callable[..., Any]:
@@ -436,8 +438,6 @@ class Pipeline:
         The state is written when this returns. Returns False if nothing was
         written: its step is saved already, or it holds NaN or inf (a warning).
         """
-        from jaxpipe import _train
-
         with _train.run_hooks(self) as hook:
             written = hook.jaxpipe_save_state(pipeline=self, state=state)
         if written is None:
@@ -446,8 +446,6 @@ class Pipeline:
 
     def restore(self, state: Any) -> Any:
         """The newest checkpoint of this pipeline's ``.checkpoint()`` stage, shaped like ``state``; else ``state``."""
-        from jaxpipe import _train
-
         with _train.run_hooks(self) as hook:
             restored = hook.jaxpipe_restore_state(pipeline=self, state=state)
         if restored is None:

@@ -103,13 +103,13 @@ _current_run: contextvars.ContextVar[_Run | None] = contextvars.ContextVar("jaxp
 class _Isolated:
     """An installed plugin as the manager holds it: the same hooks, each run hook guarded.
 
-    ``module`` is the plugin itself (``jaxpipe plugins`` reads its hooks here).
+    ``obj`` is the plugin itself, as for a run's own objects (``fit`` reads ``accepts_calls`` there).
     Hook wrappers (``wrapper=True``) are registered unguarded: they see the
     other hooks' results and errors, so they cannot be skipped on their own.
     """
 
     def __init__(self, name: str, plugin: object, pm: pluggy.PluginManager) -> None:
-        self.module = plugin
+        self.obj = plugin
         for attr in dir(plugin):
             opts = pm.parse_hookimpl_opts(plugin, attr)
             if opts is None:
@@ -119,7 +119,7 @@ class _Isolated:
             self.__dict__[attr] = fn if wrapper or attr == "jaxpipe_register_stages" else _guard(name, attr, fn)
 
     def __repr__(self) -> str:
-        return f"<jaxpipe plugin {self.module!r}>"
+        return f"<jaxpipe plugin {self.obj!r}>"
 
 
 def _guard(plugin: str, hook: str, fn: Any) -> Any:

@@ -12,6 +12,7 @@ import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from jaxpipe._arguments import signature_of
 from jaxpipe._format import format_options, format_value
 from jaxpipe._mesh import (
     auto_mesh,
@@ -61,10 +62,8 @@ def shard(
         check_vma=check_vma,
     )
     where = f".shard(in_specs={in_specs!r})"
-    try:
-        arg_names = [p.name for p in inspect.signature(fn).parameters.values()]
-    except (TypeError, ValueError):
-        arg_names = []
+    signature = signature_of(fn)
+    arg_names = list(signature.parameters) if signature is not None else []
 
     @functools.wraps(fn)
     def sharded(*args: Any) -> Any:

@@ -183,6 +183,11 @@ def init(pipe: Pipeline, key: jax.Array, sample_batch: Any, params: Any = None, 
     return state if placed is None else placed
 
 
+def stacks_batches(pipe: Pipeline) -> bool:
+    """Whether a call of ``pipe`` takes stacked batches (a stage such as ``.scan(k)`` runs several steps)."""
+    return any(stage.kind.steps_per_call is not None for stage in pipe.stages)
+
+
 def scan_steps(pipe: Pipeline) -> int:
     """Batches per call: the product of the stages' declared ``steps_per_call``, else 1."""
     steps = 1

@@ -70,8 +70,8 @@ class PipelineError(ValueError):
         """
         if self.stage is not None or self.stage_name is None:
             return self
-        numbers = [n for n, stage in enumerate(pipeline.stages, 1) if stage.name == self.stage_name]
-        return self.at(numbers[0], self.stage_name, pipeline) if numbers else self
+        number = next((n for n, stage in enumerate(pipeline.stages, 1) if stage.name == self.stage_name), None)
+        return self if number is None else self.at(number, self.stage_name, pipeline)
 
 
 def _located(message: str, stage: int | None, stage_name: str | None, pipeline: str | None) -> str:

@@ -208,11 +208,10 @@ class PipelineMemo:
 
     def reuse(self, pipe: Pipeline) -> tuple[Pipeline, bool]:
         """The pipeline built before for an unchanged ``pipe`` and True, else ``pipe`` to use and False."""
-        program = [stage for stage in pipe.stages if not stage.kind.keeps_program]
+        program = _compiled.program(pipe)
         if not (program and program[-1].kind.compiles):
             return pipe, False
         key = fingerprint(pipe)
-        fn_key = fingerprint(pipe.fn)
         try:
             found = self._built.get(key) if key is not None else None
         except TypeError:  # an unhashable snapshot part
@@ -222,11 +221,11 @@ class PipelineMemo:
             return found.pipe, True
         if key is None:
             return pipe, False
-        entry = _Built(Pipeline(pipe), fn_key)
+        entry = _Built(Pipeline(pipe), fingerprint(pipe.fn))
         # The pipeline stays equal to the one asked for (same function); only its
         # built callable sees the watch, which runs at trace time and never after.
         # Equal pipelines share a build (``_compiled``), so this one now builds to it.
-        _compiled.share(pipe, _fold.build(pipe.with_fn(entry.watch(pipe.fn))))
+        _compiled.share(_compiled.key(pipe), _fold.build(pipe.with_fn(entry.watch(pipe.fn))))
         entry.pipe.build()
         self._built[key] = entry
         while len(self._built) > self.size:

@@ -28,10 +28,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import re
 import shutil
+from collections.abc import Iterable
 from typing import IO, Any
 
 MARKER = "jaxpipe-checkpoints.json"
@@ -77,13 +79,14 @@ def survey(directory: str) -> Survey | None:
     except FileNotFoundError:
         return None
     found = Survey(marked=any(e.name == MARKER and e.is_file(follow_symlinks=False) for e in entries))
+    if not found.marked and entries:  # not created by jaxpipe: everything in it is someone else's
+        found.foreign = _unmarked(entries)
+        return found
     for entry in entries:
         try:
             _sort(found, entry)
         except FileNotFoundError:  # renamed or removed meanwhile by a writer (a save completing, retention)
             continue
-    if not found.marked and entries:  # not created by jaxpipe: everything in it is someone else's
-        found.foreign = _unmarked(entries)
     return found
 
 
@@ -156,12 +159,11 @@ def refusal(directory: str, found: Survey) -> str:
     lines = found.foreign if len(found.foreign) <= _SHOWN else [*found.foreign[:_SHOWN], "..."]
     if found.marked:  # jaxpipe's directory, with someone else's things put into it
         why, fix = "holds things that jaxpipe did not write", "Move them out of it, or give the checkpoints "
-        instead = _free([f"{directory}-{i}" for i in range(2, 10**6)])
+        instead = _free(f"{directory}-{i}" for i in itertools.count(2))
     else:  # someone else's directory: a sub-folder of it is jaxpipe's to keep
         why, fix = "was not created by jaxpipe and is not empty", "Give the checkpoints "
-        instead = _free(
-            [os.path.join(directory, "checkpoints")] + [f"{directory}/checkpoints-{i}" for i in range(2, 99)]
-        )
+        names = itertools.chain(["checkpoints"], (f"checkpoints-{i}" for i in range(2, 99)))
+        instead = _free(os.path.join(directory, name) for name in names)
     return (
         f"the checkpoint directory {directory} {why}:\n"
         + "\n".join(f"  {line}" for line in lines)
@@ -170,8 +172,13 @@ def refusal(directory: str, found: Survey) -> str:
     )
 
 
-def _free(paths: list[str]) -> str:
-    return next((path for path in paths if not os.path.lexists(path)), paths[-1])
+def _free(paths: Iterable[str]) -> str:
+    """The first of ``paths`` that names nothing yet (the last one if all are taken)."""
+    path = ""
+    for path in paths:
+        if not os.path.lexists(path):
+            break
+    return path
 
 
 def create(directory: str) -> None:
@@ -231,16 +238,14 @@ def remove_step(directory: str, step: int) -> None:
 def set_aside(directory: str, step: int) -> str:
     """Renames step folder ``step`` to ``<step>.damaged`` (or ``-1``, ``-2``...); returns the new path."""
     path = os.path.join(directory, str(step))
-    aside = next(name for i in range(10**6) if not os.path.lexists(name := f"{path}.damaged{f'-{i}' if i else ''}"))
+    aside = _free(f"{path}.damaged{f'-{i}' if i else ''}" for i in itertools.count())
     os.rename(path, aside)
     return aside
 
 
 def move_earlier_run(directory: str, steps: list[int]) -> str:
     """Moves the step folders ``steps`` into a new ``earlier-run-<n>`` folder; returns its path."""
-    folder = next(
-        path for i in range(1, 10**6) if not os.path.lexists(path := os.path.join(directory, f"earlier-run-{i}"))
-    )
+    folder = _free(os.path.join(directory, f"earlier-run-{i}") for i in itertools.count(1))
     os.mkdir(folder)
     for step in steps:
         os.rename(os.path.join(directory, str(step)), os.path.join(folder, str(step)))
