@@ -45,6 +45,11 @@ _ROUND = [m * 10**e for e in range(7) for m in (1, 2, 5)]
 _STEP_SECONDS: dict[Any, float] = {}  # measured seconds per step, by pipeline, mode and batch shapes
 
 
+def metrics_of(row: dict[str, Any]) -> dict[str, Any]:
+    """A ``run.history`` or ``run.eval_history`` row's metrics: all but its ``step`` and ``epoch``."""
+    return {name: value for name, value in row.items() if name not in ("step", "epoch")}
+
+
 @dataclasses.dataclass
 class FitRun:
     """One call of ``fit``, as plugin hooks see it.
@@ -755,7 +760,7 @@ class _Loop:
                 self._nonfinite(first + good, names, host[good])
                 return
         if take and run.history:
-            latest = {k: v for k, v in run.history[-1].items() if k not in ("step", "epoch")}
+            latest = metrics_of(run.history[-1])
             self.bar.set_postfix({k: f"{v:.4g}" for k, v in latest.items()}, refresh=False)
 
     def _nonfinite(self, done: int, names: list[str], row: np.ndarray) -> None:

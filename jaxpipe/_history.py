@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
+from jaxpipe._fit import metrics_of
 from jaxpipe.hookspecs import hookimpl
 
 
@@ -42,11 +44,13 @@ class History:
         del state  # only metrics are kept
         self._collect(run)
         epoch = run.step // run.steps_per_epoch if run.steps_per_epoch else len(self.epochs) + 1
-        rows = [row for row in self.steps if row["epoch"] == epoch and row["step"] <= run.step]
-        means: dict[str, float] = {}
-        for name in rows[0] if rows else ():
-            if name not in ("step", "epoch"):
-                means[name] = sum(row[name] for row in rows) / len(rows)
+        since = self.epochs[-1]["step"] if self.epochs else 0  # the steps of this epoch: after the last one's end
+        rows = list(itertools.takewhile(lambda row: row["step"] > since, reversed(self.steps)))
+        means = (
+            {name: sum(metrics_of(row)[name] for row in rows) / len(rows) for name in metrics_of(rows[0])}
+            if rows
+            else {}
+        )
         self.epochs.append({"epoch": epoch, "step": run.step, **means, **{k: float(v) for k, v in metrics.items()}})
 
     @hookimpl

@@ -20,9 +20,8 @@ import os
 import time
 from typing import Any
 
+from jaxpipe._fit import metrics_of
 from jaxpipe.hookspecs import hookimpl
-
-_NOT_METRICS = ("step", "epoch")
 
 
 class TensorBoard:
@@ -74,16 +73,12 @@ class TensorBoard:
     def _write(self, run: Any) -> None:
         if self._purge_step is None:
             return
-        for index in range(self._rows, len(run.history)):
-            row = run.history[index]
-            step = int(row.get("step", run.start_step + index + 1))
-            for name, value in row.items():
-                if name not in _NOT_METRICS:
-                    self._writer("train").scalar(name, value, step)
+        for row in run.history[self._rows :]:
+            for name, value in metrics_of(row).items():
+                self._writer("train").scalar(name, value, int(row["step"]))
         for row in run.eval_history[self._evals :]:
-            for name, value in row.items():
-                if name not in _NOT_METRICS:
-                    self._writer("eval").scalar(name.removeprefix("eval_"), value, int(row["step"]))
+            for name, value in metrics_of(row).items():
+                self._writer("eval").scalar(name.removeprefix("eval_"), value, int(row["step"]))
         self._rows, self._evals = len(run.history), len(run.eval_history)
 
     @hookimpl

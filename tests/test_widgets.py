@@ -365,7 +365,7 @@ def test_dashboard_redraws_at_most_every_refresh_period(data, monkeypatch):
 @pytest.mark.parametrize("name", NASTY)
 def test_dashboard_escapes_metric_and_pipeline_names(name):
     run = jaxpipe.FitRun(Pipeline(linear_loss, name=name), epochs=1, batch_size=8, steps_per_epoch=2, total_steps=2)
-    run.history.extend([{name: 1.0}, {name: 0.5}])
+    run.history.extend([{"step": 1, "epoch": 1, name: 1.0}, {"step": 2, "epoch": 1, name: 0.5}])  # as fit writes rows
     view = dash.FitView(run)
     view.draw()
     for text in (view.title.value, view.plot.value, view.status.value):
@@ -394,7 +394,7 @@ def test_metrics_read_only_the_new_rows_and_match_one_read_of_everything():
     run = jaxpipe.FitRun(Pipeline(linear_loss), epochs=1, batch_size=8, steps_per_epoch=9, total_steps=9)
     growing = dash.Metrics()
     for step in range(9):
-        run.history.append({"loss": 1.0 / (step + 1)})
+        run.history.append({"step": step + 1, "epoch": 1, "loss": 1.0 / (step + 1)})  # as fit writes rows
         if step % 3 == 2:
             run.eval_history.append({"epoch": 0.0, "step": float(step + 1), "eval_loss": 0.5})
         assert growing.read(run)

@@ -29,6 +29,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+from jaxpipe._fit import metrics_of
 from jaxpipe.hookspecs import hookimpl
 
 REFRESH_SECONDS = 0.5
@@ -66,11 +67,6 @@ class Series:
         return [(self.steps[i], self.values[i]) for i in sorted(set(picked)) if math.isfinite(self.values[i])]
 
 
-def metrics_of(row: dict[str, Any]) -> dict[str, Any]:
-    """A history row's metrics: all but its ``step`` and ``epoch``."""
-    return {name: value for name, value in row.items() if name not in ("step", "epoch")}
-
-
 class Metrics:
     """Each metric of a run as a :class:`Series`; ``read`` takes only the rows added since the last read,
     so a redraw costs the same at step 100 and at step 100,000."""
@@ -82,8 +78,8 @@ class Metrics:
     def read(self, run: Any) -> bool:
         """Adds the run's new history rows (floats ``fit`` read back); says whether there were any."""
         rows, evals = run.history[self._rows :], run.eval_history[self._evals :]
-        for offset, row in enumerate(rows, run.start_step + self._rows + 1):
-            step = float(row.get("step", offset))
+        for row in rows:
+            step = float(row["step"])
             for name, value in metrics_of(row).items():
                 self.series.setdefault(name, Series(_TRAIN_COLOR)).add(step, value)
         for row in evals:
