@@ -31,6 +31,7 @@ import numpy as np
 from jaxpipe import _fit_data, _fit_program, _grain
 from jaxpipe._fit_data import check_arrays
 from jaxpipe._fold import fold
+from jaxpipe._plugins import installed_plugins
 from jaxpipe._stages import Stage, StageContext
 from jaxpipe._train import TrainState, run_hooks, scan_steps, stacks_batches
 from jaxpipe.errors import PipelineError
@@ -95,6 +96,13 @@ class FitRun:
     def stop(self) -> None:
         """Ends training cleanly after the current call (thread-safe)."""
         self._stop.set()
+
+    def interrupt(self) -> None:
+        """Ctrl-C's rule: the first stops after the current call; a second, once a stop is asked, interrupts now."""
+        if self.stop_requested:
+            raise KeyboardInterrupt
+        self.interrupted = True
+        self.stop()
 
     @property
     def stop_requested(self) -> bool:
@@ -177,10 +185,8 @@ def _graceful_interrupt(run: FitRun) -> Iterator[None]:
         return
 
     def handler(signum: int, frame: Any) -> None:
-        if run.stop_requested:
-            raise KeyboardInterrupt
-        run.interrupted = True
-        run.stop()
+        del signum, frame  # any SIGINT
+        run.interrupt()
 
     previous = signal.signal(signal.SIGINT, handler)
     try:
@@ -421,14 +427,10 @@ def _wants_every_step(hook: Any, hooks: Sequence[object]) -> bool:
     steps (``run.step`` advanced by k, metrics with a leading axis of k). A
     stage's own hooks (the checkpointer) are fine: calls end on its ``every``.
     """
-    from jaxpipe._plugins import plugin_manager
-
-    shared = plugin_manager()
-    plugins = {id(p) for p in shared.get_plugins()}
-    mine = {id(h) for h in hooks}
+    asked = {id(obj) for obj in [*installed_plugins(), *hooks]}
     for impl in hook.jaxpipe_fit_step.get_hookimpls():
-        obj = getattr(impl.plugin, "obj", impl.plugin)  # a run's own object, as the plugin manager holds it
-        if (id(obj) in mine or id(obj) in plugins) and not getattr(obj, "accepts_calls", False):
+        obj = getattr(impl.plugin, "obj", impl.plugin)  # the object itself, as the plugin manager wraps it
+        if id(obj) in asked and not getattr(obj, "accepts_calls", False):
             return True
     return False
 

@@ -135,10 +135,9 @@ def _guard(plugin: str, hook: str, fn: Any) -> Any:
             return fn(*args)
         except KeyboardInterrupt as err:  # Ctrl-C, or a plugin asking to stop: stop as Ctrl-C does in fit
             fit_run = dict(zip(argnames, args, strict=False)).get("run")
-            if fit_run is None or fit_run.stop_requested:  # not in fit, or a second Ctrl-C: interrupt at once
+            if fit_run is None:  # not in fit: interrupt at once
                 raise
-            fit_run.interrupted = True
-            fit_run.stop()
+            fit_run.interrupt()  # as Ctrl-C: a second one, after a stop was asked, interrupts at once
             warn_plugin(plugin, f"raised KeyboardInterrupt in {hook}", err, "fit stops after this step")
             return None
         except BaseException as err:  # SystemExit too: a plugin must not end the user's run
@@ -192,6 +191,11 @@ def _only_in(run: _Run, fn: Any, wrapper: bool) -> Any:
 
 
 _lock = threading.Lock()  # pluggy's registry is not meant for concurrent register/unregister
+
+
+def installed_plugins() -> list[object]:
+    """The plugins registered for the whole process (as given, unwrapped), not a run's own objects."""
+    return [getattr(p, "obj", p) for p in plugin_manager().get_plugins() if not isinstance(p, _RunOwned)]
 
 
 _running: list[Pipeline] = []  # pipelines whose init or fit is under way (a list: equal pipelines may nest)
