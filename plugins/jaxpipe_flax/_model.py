@@ -508,25 +508,14 @@ def _check(ctx: StageContext, options: dict[str, Any]) -> None:
             ) from None
 
 
-def _model_loss(loss: Callable[..., Any], module: Any, input: Any = None, **options: Any) -> ModelLoss:
-    return ModelLoss(
-        loss,
-        module,
-        input,
-        options.get("label", "label"),
-        options.get("rng_names", ("dropout",)),
-        options.get("rng", "split"),
-    )
-
-
 def _init(state: TrainState, key: jax.Array, batch: Any, module: Any, input: Any = None, **options: Any) -> TrainState:
-    adapter = _model_loss(lambda outputs, batch: outputs, module, input, **options)
+    adapter = model(lambda outputs, batch: outputs, module, input, **options)
     params, model_state = adapter.init(key, batch)
     return state.replace(params=params if state.params is None else state.params, model_state=model_state)
 
 
 def _evaluate(loss: Callable[..., Any], module: Any, input: Any = None, **options: Any) -> Callable[..., Any]:
-    model_loss = _model_loss(loss, module, input, **options)
+    model_loss = model(loss, module, input, **options)
 
     def evaluate(state: TrainState, batch: Any) -> dict[str, jax.Array]:
         return model_loss.metrics(state.params, batch, state.model_state, state.step)
