@@ -8,7 +8,7 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from jaxpipe import _compiled, _diagnose, _fit, _fold, _inspect, _spec, _train
+from jaxpipe import _compiled, _diagnose, _fit, _fold, _inspect, _plugins, _spec, _train
 from jaxpipe._arguments import signature_of
 from jaxpipe._builtins import BUILTIN_STAGES
 from jaxpipe._format import format_options, format_signature, format_value, same_value
@@ -351,7 +351,7 @@ class Pipeline:
 
     def _first_call(self) -> Callable[..., Any]:
         """The build, after warning once about stages that act only inside ``fit``."""
-        if not _train.running(self):
+        if not _plugins.running(self):
             for number, stage in enumerate(self._stages, 1):
                 training = stage.kind.training
                 if training is not None and training.outside_fit:
@@ -438,7 +438,7 @@ class Pipeline:
         The state is written when this returns. Returns False if nothing was
         written: its step is saved already, or it holds NaN or inf (a warning).
         """
-        with _train.run_hooks(self) as hook:
+        with _plugins.run_hooks(self) as hook:
             written = hook.jaxpipe_save_state(pipeline=self, state=state)
         if written is None:
             raise _needs_saver(self, "save")
@@ -446,7 +446,7 @@ class Pipeline:
 
     def restore(self, state: Any) -> Any:
         """The newest checkpoint of this pipeline's ``.checkpoint()`` stage, shaped like ``state``; else ``state``."""
-        with _train.run_hooks(self) as hook:
+        with _plugins.run_hooks(self) as hook:
             restored = hook.jaxpipe_restore_state(pipeline=self, state=state)
         if restored is None:
             raise _needs_saver(self, "restore")

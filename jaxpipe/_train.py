@@ -16,8 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxpipe._fold import fold
-from jaxpipe._plugins import run_hooks as run_hooks  # re-exported: fit and older code import it from here
-from jaxpipe._plugins import running as running  # re-exported: the Pipeline asks whether its run is under way
+from jaxpipe._plugins import run_hooks
 from jaxpipe._stages import Stage, StageContext
 from jaxpipe.errors import PipelineError
 

@@ -207,13 +207,8 @@ def training(out: Path, quick: bool = False) -> float | None:
     schedule = optax.warmup_cosine_decay_schedule(0.0, 3e-3, 30, steps)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule))
     model = _mlp()
-    trainer = (
-        Pipeline(loss)
-        .model(model, input="image")
-        .optimize(tx, learning_rate=schedule)
-        .jit()
-        .checkpoint(out / "checkpoints", every=SAVE_EVERY, keep=3)
-    )
+    step = Pipeline(loss).model(model, input="image").optimize(tx, learning_rate=schedule)  # the training step
+    trainer = step.jit().checkpoint(out / "checkpoints", every=SAVE_EVERY, keep=3)
     print(trainer)
     print("\nequivalent JAX:\n" + trainer.explain() + "\n")
     sample = {k: v[:BATCH_SIZE] for k, v in train.items()}
@@ -240,19 +235,19 @@ def training(out: Path, quick: bool = False) -> float | None:
     print(
         f"wrote {out / 'loss.png'}, {out / 'metrics.jsonl'} and checkpoints {', '.join(saved)} in {out / 'checkpoints'}"
     )
-    _timing_table(model, tx, schedule, state, train, quick)
+    _timing_table(step, model, tx, schedule, state, train, quick)
     return accuracy
 
 
-def _timing_table(model: Any, tx: Any, schedule: Any, state: Any, train: Any, quick: bool) -> None:
+def _timing_table(step: Any, model: Any, tx: Any, schedule: Any, state: Any, train: Any, quick: bool) -> None:
     """jaxpipe's step against the hand-written one, and .scan(k) against one call per step."""
+    scanned = step.scan(SCAN_STEPS).jit()
     # The trainer's step without its .checkpoint() stage (which saves only in fit): equal pipelines share one
     # compiled step, so this compiles nothing new.
-    step = Pipeline(loss).model(model, input="image").optimize(tx, learning_rate=schedule).jit()
+    step = step.jit()
     batch = {k: v[:BATCH_SIZE] for k, v in train.items()}
     stacked = {k: v[: SCAN_STEPS * BATCH_SIZE].reshape(SCAN_STEPS, BATCH_SIZE, *v.shape[1:]) for k, v in train.items()}
     hand = hand_written_step(model, tx, schedule)
-    scanned = Pipeline(loss).model(model, input="image").optimize(tx, learning_rate=schedule).scan(SCAN_STEPS).jit()
     number, repeat = (30, 3) if quick else (100, 7)
     steps = paired_rounds(
         {"jaxpipe": lambda: step(state, batch), "hand": lambda: hand(state, batch)}, (), number=number, repeat=repeat
