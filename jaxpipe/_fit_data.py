@@ -14,6 +14,8 @@ sees the batches an uninterrupted run would have seen.
 
 from __future__ import annotations
 
+import contextvars
+import functools
 import os
 import queue
 import threading
@@ -282,7 +284,9 @@ class Prefetcher:
     def __init__(self, groups: Iterator[Any], place: Callable[[Any], Any], ahead: int = 1) -> None:
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=ahead)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._work, args=(groups, place), daemon=True, name="jaxpipe-fit-data")
+        # In the run's context, so that the run's own hooks (e.g. ``.data_parallel``'s placing) answer there too.
+        work = functools.partial(contextvars.copy_context().run, self._work, groups, place)
+        self._thread = threading.Thread(target=work, daemon=True, name="jaxpipe-fit-data")
         self._thread.start()
 
     def _work(self, groups: Iterator[Any], place: Callable[[Any], Any]) -> None:

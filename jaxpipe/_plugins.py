@@ -91,9 +91,10 @@ def reset() -> None:
 
 
 class _Run:
-    """One ``init`` or ``fit``: the plugin hooks it turned off after they raised."""
+    """One ``init`` or ``fit``: its pipeline, the run it started inside, and the plugin hooks it turned off."""
 
-    def __init__(self) -> None:
+    def __init__(self, pipe: Pipeline, outer: _Run | None) -> None:
+        self.pipe, self.outer = pipe, outer
         self.disabled: set[tuple[str, str]] = set()
 
 
@@ -198,12 +199,14 @@ def installed_plugins() -> list[object]:
     return [getattr(p, "obj", p) for p in plugin_manager().get_plugins() if not isinstance(p, _RunOwned)]
 
 
-_running: list[Pipeline] = []  # pipelines whose init or fit is under way (a list: equal pipelines may nest)
-
-
 def running(pipe: Pipeline) -> bool:
     """Whether ``pipe``'s ``init`` or ``fit`` is under way, so its run hooks are registered."""
-    return any(pipe is other for other in _running)
+    run = _current_run.get()  # this thread's (or task's) runs, innermost first
+    while run is not None:
+        if run.pipe is pipe:
+            return True
+        run = run.outer
+    return False
 
 
 @contextlib.contextmanager
@@ -214,10 +217,9 @@ def run_hooks(pipe: Pipeline, extra: Sequence[object] = ()) -> Iterator[Any]:
     with the run's own objects registered until the run ends.
     """
     pm = plugin_manager()
-    run = _Run()
+    run = _Run(pipe, _current_run.get())
     registered: list[_RunOwned] = []
     token = _current_run.set(run)
-    _running.append(pipe)
     try:
         objects = [
             s.kind.training.run_hooks(dict(s.options))
@@ -231,7 +233,6 @@ def run_hooks(pipe: Pipeline, extra: Sequence[object] = ()) -> Iterator[Any]:
             registered.append(owned)
         yield pm.hook
     finally:
-        _running.remove(pipe)
         _current_run.reset(token)
         with _lock:
             for owned in registered:
