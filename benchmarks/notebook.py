@@ -32,7 +32,7 @@ import jax
 from _timing import format_seconds, paired_ratio
 from IPython.core.interactiveshell import InteractiveShell
 
-from jaxpipe._cache import CompileEvents
+from jaxpipe._tools.compile_cache import CompileEvents
 
 LOAD_EXT = """
 import gc, sys, time, jax
@@ -53,7 +53,7 @@ print(total, paused)
 FIRST_CALL = """
 import sys, time, jax, jax.numpy as jnp
 from IPython.core.interactiveshell import InteractiveShell
-from jaxpipe._cache import COMPILE_EVENT
+from jaxpipe._tools.compile_cache import COMPILE_EVENT
 
 compile_seconds = []
 jax.monitoring.register_event_duration_secs_listener(

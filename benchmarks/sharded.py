@@ -41,8 +41,8 @@ from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from jaxpipe import Pipeline, TrainState  # noqa: E402
-from jaxpipe._data_parallel import place_batch  # noqa: E402
-from jaxpipe._mesh import auto_mesh  # noqa: E402
+from jaxpipe._stages.data_parallel import place_batch  # noqa: E402
+from jaxpipe._stages.mesh import auto_mesh  # noqa: E402
 
 GOAL = 1.02
 LOOP = 10  # steps per synchronisation in the NumPy-batch comparison

@@ -8,12 +8,16 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from jaxpipe import _compiled, _diagnose, _fit, _fold, _inspect, _plugins, _spec, _train
-from jaxpipe._arguments import signature_of
-from jaxpipe._builtins import BUILTIN_STAGES
-from jaxpipe._format import format_options, format_signature, format_value, same_value
-from jaxpipe._registry import registry
-from jaxpipe._stages import Stage, StageKind
+from jaxpipe._core import builds, fold
+from jaxpipe._core.format import format_options, format_signature, format_value, same_value
+from jaxpipe._core.signature import signature_of
+from jaxpipe._core.stage import Stage, StageKind
+from jaxpipe._plugins import manager as plugins
+from jaxpipe._plugins.registry import registry, reserve
+from jaxpipe._stages.builtins import BUILTIN_STAGES
+from jaxpipe._tools import diagnose, inspection, spec
+from jaxpipe._training import fit as training_fit
+from jaxpipe._training import init as training_init
 from jaxpipe.errors import PipelineError
 
 
@@ -121,8 +125,8 @@ class Pipeline:
         return f"Pipeline({self.name})" + "".join(f".{stage!r}" for stage in self._stages)
 
     def _repr_html_(self) -> str:
-        """Notebook display: the stages and the equivalent JAX (see ``jaxpipe.ipython.display``)."""
-        from jaxpipe.ipython.display import pipeline_html  # only in a notebook: keeps `import jaxpipe` light
+        """Notebook display: the stages and the equivalent JAX (see ``jaxpipe._tools.display``)."""
+        from jaxpipe._tools.display import pipeline_html  # only in a notebook: keeps `import jaxpipe` light
 
         return pipeline_html(self)
 
@@ -164,7 +168,7 @@ class Pipeline:
             raise self._stage_error(kind, args, options, _bad_options(kind, options, err)) from err
         if kind.check is not None:
             try:
-                kind.check(_fold.context(self._fn, self._stages), bound)
+                kind.check(fold.context(self._fn, self._stages), bound)
             except (TypeError, ValueError) as err:
                 raise self._stage_error(kind, (), bound, str(err)) from err
         return _new(self._fn, self._name, (*self._stages, Stage(kind, bound)))
@@ -323,11 +327,11 @@ class Pipeline:
         """
         built = self._built
         if built is None:
-            key = _compiled.key(self)
-            built = _compiled.lookup(key)
+            key = builds.key(self)
+            built = builds.lookup(key)
             if built is None:
-                built = _fold.build(self)
-                _compiled.share(key, built)
+                built = fold.build(self)
+                builds.share(key, built)
             object.__setattr__(self, "_built", built)
         return built
 
@@ -341,7 +345,7 @@ class Pipeline:
                 return built(*args, **kwargs)
             return built(*args)  # no empty dict to merge: the common call, as close to jax.jit's as Python allows
         except Exception as err:
-            explained = _diagnose.explain_error(self, err, args, kwargs)
+            explained = diagnose.explain_error(self, err, args, kwargs)
             if explained is not None:
                 raise explained from err
             located = err.within(self) if isinstance(err, PipelineError) else err
@@ -351,7 +355,7 @@ class Pipeline:
 
     def _first_call(self) -> Callable[..., Any]:
         """The build, after warning once about stages that act only inside ``fit``."""
-        if not _plugins.running(self):
+        if not plugins.running(self):
             for number, stage in enumerate(self._stages, 1):
                 training = stage.kind.training
                 if training is not None and training.outside_fit:
@@ -364,7 +368,7 @@ class Pipeline:
         object.__setattr__(self, "_call", built)
         return built
 
-    # --- as text (jaxpipe/_spec.py) ------------------------------------------------
+    # --- as text (jaxpipe/spec.py) ------------------------------------------------
 
     @classmethod
     def from_spec(cls, text: str, namespace: Mapping[str, Any]) -> Pipeline:
@@ -374,7 +378,7 @@ class Pipeline:
         literals or names. The text is parsed, never evaluated; a bad one raises
         :class:`~jaxpipe.SpecError` pointing at the line and column.
         """
-        return _spec.from_spec(text, namespace)
+        return spec.from_spec(text, namespace, cls)
 
     def to_spec(self, namespace: Mapping[str, Any] | None = None) -> str:
         """This pipeline as spec text; ``Pipeline.from_spec`` reads it back.
@@ -382,38 +386,38 @@ class Pipeline:
         Non-literal option values are written as names: those bound to them in
         ``namespace`` when given, else their own names.
         """
-        return _spec.to_spec(self, namespace)
+        return spec.to_spec(self, namespace)
 
     # --- inspection --------------------------------------------------------------
 
     def explain(self) -> str:
         """The equivalent hand-written JAX, as a string."""
-        return _fold.explain(self)
+        return fold.explain(self)
 
     def jaxpr(self, *args: Any, **kwargs: Any) -> Any:
         """The traced program (a ``ClosedJaxpr``) for these arguments."""
-        return _inspect.jaxpr(self, args, kwargs)
+        return inspection.jaxpr(self, args, kwargs)
 
     def hlo(self, *args: Any, dialect: str = "stablehlo", optimized: bool = False, **kwargs: Any) -> str:
         """The lowered program's text; ``optimized=True`` gives XLA's compiled HLO."""
-        return _inspect.hlo(self, args, kwargs, dialect=dialect, optimized=optimized)
+        return inspection.hlo(self, args, kwargs, dialect=dialect, optimized=optimized)
 
-    def cost(self, *args: Any, **kwargs: Any) -> _inspect.Cost:
+    def cost(self, *args: Any, **kwargs: Any) -> inspection.Cost:
         """Flops, bytes accessed and transcendentals of the compiled program."""
-        return _inspect.cost(self, args, kwargs)
+        return inspection.cost(self, args, kwargs)
 
-    def memory(self, *args: Any, **kwargs: Any) -> _inspect.Memory:
+    def memory(self, *args: Any, **kwargs: Any) -> inspection.Memory:
         """Argument, output, temporary and code sizes of the compiled program."""
-        return _inspect.memory(self, args, kwargs)
+        return inspection.memory(self, args, kwargs)
 
-    def timing(self, *args: Any, number: int = 100, repeat: int = 5, **kwargs: Any) -> _inspect.Timing:
+    def timing(self, *args: Any, number: int = 100, repeat: int = 5, **kwargs: Any) -> inspection.Timing:
         """Trace, lower, compile, first-call and steady-state times, in seconds.
 
         Uses JAX's ahead-of-time API on a fresh copy of the pipeline (so caches
         from earlier calls do not hide compile time), then times ``repeat`` rounds
         of ``number`` calls, each synchronised with ``block_until_ready``.
         """
-        return _inspect.timing(self, args, kwargs, number=number, repeat=repeat)
+        return inspection.timing(self, args, kwargs, number=number, repeat=repeat)
 
     # --- training (stages from the Flax, Optax and Orbax plugins) ---------------
 
@@ -426,11 +430,11 @@ class Pipeline:
         restores nothing: the fresh state, to start a run over with
         ``fit(..., resume=False)``.
         """
-        return _train.init(self, key, sample_batch, params=params, resume=resume)
+        return training_init.init(self, key, sample_batch, params=params, resume=resume)
 
     def fit(self, state: Any, data: Any, *, epochs: int = 1, batch_size: int | None = None, **options: Any) -> Any:
         """Trains from ``state``; ``epochs`` is the run's total. See :func:`jaxpipe.fit`."""
-        return _fit.fit(self, state, data, epochs=epochs, batch_size=batch_size, **options)
+        return training_fit.fit(self, state, data, epochs=epochs, batch_size=batch_size, **options)
 
     def save(self, state: Any) -> bool:
         """Saves ``state`` through this pipeline's ``.checkpoint()`` stage, for a step loop written by hand.
@@ -438,7 +442,7 @@ class Pipeline:
         The state is written when this returns. Returns False if nothing was
         written: its step is saved already, or it holds NaN or inf (a warning).
         """
-        with _plugins.run_hooks(self) as hook:
+        with plugins.run_hooks(self) as hook:
             written = hook.jaxpipe_save_state(pipeline=self, state=state)
         if written is None:
             raise _needs_saver(self, "save")
@@ -446,7 +450,7 @@ class Pipeline:
 
     def restore(self, state: Any) -> Any:
         """The newest checkpoint of this pipeline's ``.checkpoint()`` stage, shaped like ``state``; else ``state``."""
-        with _plugins.run_hooks(self) as hook:
+        with plugins.run_hooks(self) as hook:
             restored = hook.jaxpipe_restore_state(pipeline=self, state=state)
         if restored is None:
             raise _needs_saver(self, "restore")
@@ -487,3 +491,6 @@ def _bad_options(kind: StageKind, options: Mapping[str, Any], err: TypeError) ->
     close = difflib.get_close_matches(unknown[0], params, n=1)
     hint = f" Did you mean `{close[0]}`?" if close else ""
     return f"`.{kind.name}()` has no option `{unknown[0]}`.{hint}\n{takes}"
+
+
+reserve(dir(Pipeline))  # a plugin stage may not take the name of one of Pipeline's own methods

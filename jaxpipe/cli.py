@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from jaxpipe._stages import StageKind
+    from jaxpipe._core.stage import StageKind
 
 
 def plugins_report() -> str:
@@ -22,8 +22,8 @@ def plugins_report() -> str:
     """
     import importlib.metadata
 
-    from jaxpipe._plugins import BLOCK_ENV, ENTRY_POINT_GROUP, blocked_plugins, plugin_manager
-    from jaxpipe._registry import registry
+    from jaxpipe._plugins.manager import BLOCK_ENV, ENTRY_POINT_GROUP, blocked_plugins, plugin_manager
+    from jaxpipe._plugins.registry import registry
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -63,7 +63,7 @@ def plain(text: str) -> str:
 
 def _usage(kind: StageKind) -> str:
     """The stage's options as a user writes them: the Pipeline method's for built-ins."""
-    from jaxpipe._format import format_signature
+    from jaxpipe._core.format import format_signature
     from jaxpipe._pipeline import Pipeline
 
     method = vars(Pipeline).get(kind.name) if kind.plugin == "jaxpipe" else None

@@ -38,10 +38,10 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
-    from jaxpipe._fit import FitRun
-    from jaxpipe._pipeline import Pipeline
-    from jaxpipe._stages import StageKind
-    from jaxpipe._train import TrainState
+    from jaxpipe._core.protocol import PipelineLike
+    from jaxpipe._core.run import FitRun
+    from jaxpipe._core.stage import StageKind
+    from jaxpipe._core.state import TrainState
 
 hookspec = pluggy.HookspecMarker("jaxpipe")
 hookimpl = pluggy.HookimplMarker("jaxpipe")
@@ -74,7 +74,7 @@ def jaxpipe_register_stages() -> list[StageKind]:  # type: ignore[empty-body]
 
 
 @hookspec(firstresult=True)
-def jaxpipe_init_state(pipeline: Pipeline, state: TrainState) -> TrainState | None:
+def jaxpipe_init_state(pipeline: PipelineLike, state: TrainState) -> TrainState | None:
     """Replace a freshly initialised training state, e.g. by a restored one.
 
     Called at the end of ``Pipeline.init`` with the state built by the stages'
@@ -106,7 +106,7 @@ def jaxpipe_fit_resume(run: FitRun, state: TrainState) -> TrainState | None:
 
 
 @hookspec(firstresult=True)
-def jaxpipe_save_state(pipeline: Pipeline, state: TrainState) -> bool | None:
+def jaxpipe_save_state(pipeline: PipelineLike, state: TrainState) -> bool | None:
     """Save a training state now, for a step loop written by hand.
 
     Called by ``Pipeline.save(state)``; the Orbax ``.checkpoint()`` stage
@@ -125,7 +125,7 @@ def jaxpipe_save_state(pipeline: Pipeline, state: TrainState) -> bool | None:
 
 
 @hookspec(firstresult=True)
-def jaxpipe_restore_state(pipeline: Pipeline, state: TrainState) -> TrainState | None:
+def jaxpipe_restore_state(pipeline: PipelineLike, state: TrainState) -> TrainState | None:
     """Read back the newest saved training state, for a step loop written by hand.
 
     Called by ``Pipeline.restore(state)``; the Orbax ``.checkpoint()`` stage
@@ -143,7 +143,7 @@ def jaxpipe_restore_state(pipeline: Pipeline, state: TrainState) -> TrainState |
 
 
 @hookspec(firstresult=True)
-def jaxpipe_place_state(pipeline: Pipeline, state: TrainState) -> TrainState | None:
+def jaxpipe_place_state(pipeline: PipelineLike, state: TrainState) -> TrainState | None:
     """Put a training state on the devices it trains on, e.g. replicated over a mesh.
 
     Called at the end of ``Pipeline.init`` (after ``jaxpipe_init_state``) and

@@ -24,7 +24,7 @@ import pytest
 
 import jaxpipe
 from jaxpipe import Pipeline, PipelineError
-from jaxpipe._grain import as_batches, is_grain
+from jaxpipe._training.grain import as_batches, is_grain
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -12,7 +12,7 @@ import pytest
 from jaxpipe_demo.timing import paired_ratio, paired_rounds
 
 from jaxpipe import Cost, Memory, Pipeline, PipelineError, Timing
-from jaxpipe._inspect import steady_state
+from jaxpipe._tools.inspection import steady_state
 
 
 def loss(w: jax.Array, x: jax.Array) -> jax.Array:

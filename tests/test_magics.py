@@ -10,8 +10,8 @@ from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 
 from jaxpipe import Pipeline, Timing
-from jaxpipe._cache import CompileEvents, compilation_cache_dir
 from jaxpipe._prng import KeyReuseWarning
+from jaxpipe._tools.compile_cache import CompileEvents, compilation_cache_dir
 from jaxpipe.ipython.magics import JaxpipeMagics
 
 MAGICS = {"line": ["jaxpipe_cache", "jit_timing", "prng_tree"], "cell": ["jaxpipe", "jit_timing"]}

@@ -10,8 +10,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 import jaxpipe
-from jaxpipe import Pipeline, PipelineError, StageKind, _plugins, _registry, _spec
-from jaxpipe._spec import SpecError
+from jaxpipe import Pipeline, PipelineError, StageKind
+from jaxpipe._plugins import manager as _plugins
+from jaxpipe._plugins import registry as _registry
+from jaxpipe._tools import spec as _spec
+from jaxpipe._tools.spec import SpecError
 
 
 def loss(w, x):

@@ -62,7 +62,7 @@ def test_a_stage_declared_last_refuses_stages_after_it_whatever_its_name() -> No
 
 
 def test_scan_steps_come_from_the_declared_steps_per_call() -> None:
-    from jaxpipe._train import scan_steps
+    from jaxpipe._core.steps import scan_steps
 
     twice = StageKind("twice", lambda fn, k: fn, steps_per_call=lambda options: options["k"])
     assert scan_steps(Pipeline(loss).then(twice, k=3)) == 3
@@ -179,45 +179,6 @@ def test_a_stage_that_keeps_the_program_shares_the_step_and_warns_once_when_call
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         plain(W, xs)  # no such stage: no warning
-
-
-# --- no import cycles inside jaxpipe -------------------------------------------------------
-
-
-def _module_imports(root: pathlib.Path) -> dict[str, set[str]]:
-    """Module -> the jaxpipe modules it imports when it is imported (top level, not under TYPE_CHECKING)."""
-    modules = {
-        ".".join(path.relative_to(root.parent).with_suffix("").parts).removesuffix(".__init__"): path
-        for path in root.rglob("*.py")
-    }
-    graph: dict[str, set[str]] = {}
-    for name, path in modules.items():
-        found: set[str] = set()
-        for node in ast.parse(path.read_text()).body:
-            if isinstance(node, ast.ImportFrom) and node.module and not node.level:
-                for alias in node.names:
-                    full = f"{node.module}.{alias.name}"
-                    found.add(full if full in modules else node.module)
-            elif isinstance(node, ast.Import):
-                found.update(alias.name for alias in node.names)
-        graph[name] = {m for m in found if m in modules and m != name and m != "jaxpipe"}
-    return graph
-
-
-def test_no_module_level_import_cycles_inside_jaxpipe() -> None:
-    graph = _module_imports(pathlib.Path(jaxpipe.__file__).parent)
-    done: set[str] = set()
-
-    def visit(name: str, path: tuple[str, ...]) -> None:
-        assert name not in path, "import cycle: " + " -> ".join((*path[path.index(name) :], name))
-        if name in done:
-            return
-        for dep in sorted(graph[name]):
-            visit(dep, (*path, name))
-        done.add(name)
-
-    for name in sorted(graph):
-        visit(name, ())
 
 
 def test_adding_a_checkpoint_compiles_nothing_new_and_a_direct_call_points_at_fit(

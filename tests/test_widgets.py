@@ -21,8 +21,8 @@ import jaxpipe
 from jaxpipe import Pipeline
 from jaxpipe._plugins import plugin_manager
 from jaxpipe._prng import KeyReuseWarning
+from jaxpipe._tools.display import pipeline_html, pipeline_text, show_tree, tree_html
 from jaxpipe.ipython import dashboard as dash
-from jaxpipe.ipython.display import pipeline_html, pipeline_text, show_tree, tree_html
 from jaxpipe.ipython.widgets import TIMING_NUMBER, VIEWS, Inspector
 
 NASTY = ["<script>alert(1)</script>", "a&b"]

@@ -12,8 +12,8 @@ from typing import Any
 
 import jax
 
-from jaxpipe._inspect import format_seconds as format_seconds
-from jaxpipe._inspect import steady_state
+from jaxpipe._tools.inspection import format_seconds as format_seconds
+from jaxpipe._tools.inspection import steady_state
 
 
 def paired_rounds(

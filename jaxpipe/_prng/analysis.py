@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import itertools
 import os
@@ -15,139 +14,17 @@ import numpy as np
 from jaxpipe._prng.nodes import KeyNode, KeyReuse
 from jaxpipe._prng.rules import CALLS, FOLDABLE, IDENTITY, MOVES, numpy_op, operand_roles
 from jaxpipe._prng.source import api_name, file_label, flax_param, library_dirs
+from jaxpipe._prng.uses import ADVICE, REUSE_KINDS, Use, Where
+from jaxpipe._prng.values import Abs, Context, Elem, key_elements
 
 _MAX_CONCRETE = 4096  # elements: larger integer data is followed by identity, not value
-_MAX_ALTERNATIVES = 8  # keys a cond output may stand for
-
-
-# --- the abstract values the analysis computes ------------------------------------------
-
-
-class _Elem:
-    """One key element: the key nodes it may be (several after a ``cond``), each with
-    the branch choices under which it is that node."""
-
-    __slots__ = ("alts",)
-
-    def __init__(self, alts: Sequence[tuple[KeyNode, frozenset[tuple[int, int]]]]) -> None:
-        self.alts = tuple(alts)[:_MAX_ALTERNATIVES]
-
-    def identity(self) -> tuple[Any, ...]:
-        return tuple((id(node), tag) for node, tag in self.alts)
-
-
-@dataclasses.dataclass
-class _Abs:
-    """What is known of one jaxpr value.
-
-    ``token`` is equal for two values only if they are equal (value numbering);
-    ``value`` is the value itself for small integer data; ``keys`` holds the key
-    elements of a typed key array (its shape) or of tracked raw key data (its shape
-    without the trailing data axis); ``uniform`` is the token every element equals.
-    """
-
-    token: int
-    value: Any = None  # np.ndarray
-    keys: Any = None  # np.ndarray of _Elem | None
-    uniform: int | None = None
-
-
-def key_elements(a: _Abs) -> list[_Elem]:
-    return [] if a.keys is None else [e for e in a.keys.flat if e is not None]
-
-
-@dataclasses.dataclass(frozen=True)
-class Context:
-    """Where an equation sits: the enclosing equations' source infos, the cond
-    branches taken to get there, and the loop iteration (as a note)."""
-
-    sources: tuple[Any, ...] = ()
-    tag: frozenset[tuple[int, int]] = frozenset()
-    note: str = ""
-
-    def enter(self, eqn: Any) -> Context:
-        return dataclasses.replace(self, sources=(*self.sources, eqn.source_info))
-
-    def branch(self, cond: int, index: int) -> Context:
-        return dataclasses.replace(self, tag=self.tag | {(cond, index)})
-
-    def iteration(self, note: str) -> Context:
-        return dataclasses.replace(self, note=f"{self.note}; {note}" if self.note else note)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Where:
-    """The user-facing view of an equation, from its source infos."""
-
-    api: str | None  # e.g. "jax.random.normal"
-    file: str | None
-    line: int | None
-    scope: str  # Flax module path from the name stack, e.g. "MLP/Dense_0"
-    initializer: str | None
-    param: str | None
-    location: str | None  # "model.py:12", or "In[3]:2" for a notebook cell
-    caller: str | None  # the outermost user frame, to tell calls of one helper apart
-
-
-@dataclasses.dataclass
-class Use:
-    kind: str  # "consume" | "split" | "fold_in"
-    what: str
-    where: _Where
-    note: str
-    tag: frozenset[tuple[int, int]]
-
-    def place(self, with_caller: bool = False) -> str:
-        text = self.what if self.where.location is None else f"{self.what} at {self.where.location}"
-        if with_caller and self.where.caller and self.where.caller != self.where.location:
-            text += f" (called from {self.where.caller})"
-        return f"{text} ({self.note})" if self.note else text
-
-
-_REUSE_KINDS = {
-    ("consume", "consume"): "consumed twice",
-    ("split", "split"): "split twice",
-    ("split", "consume"): "consumed after split",
-    ("consume", "split"): "split after use",
-    ("consume", "fold_in"): "folded after use",
-    ("split", "fold_in"): "folded after use",
-    ("fold_in", "consume"): "used after fold_in",
-    ("fold_in", "split"): "used after fold_in",
-}
-
-_ADVICE = {
-    "consumed twice": (
-        "is drawn from twice: {0} and {1}. Both draws get the same random bits. "
-        "Split it and use each subkey once: `k1, k2 = jax.random.split(key)`."
-    ),
-    "split twice": (
-        "is split twice: {0} and {1}. Both splits return the same subkeys. "
-        "Split once and pass the subkeys on, or split one of the subkeys again."
-    ),
-    "consumed after split": (
-        "is drawn from after being split: {0}, then {1}. The draw is correlated with the subkeys. "
-        "After `key, sub = jax.random.split(key)` use only `key` and `sub`."
-    ),
-    "split after use": (
-        "is split after being drawn from: {0}, then {1}. The subkeys are correlated with the draw. "
-        "Split first and draw from a subkey: `key, sub = jax.random.split(key)`."
-    ),
-    "folded after use": (
-        "is passed to fold_in after being used: {0}, then {1}. `fold_in(key, i)` equals "
-        "`split(key)[i]` and feeds the key's own draws. Derive keys from it one way only."
-    ),
-    "used after fold_in": (
-        "is used after fold_in: {0}, then {1}. `fold_in(key, i)` equals `split(key)[i]` and feeds "
-        "the key's own draws. Derive keys from it one way only: fold_in, or one split, or one draw."
-    ),
-}
 
 
 # --- the analysis ------------------------------------------------------------------------
 
 
 class Analysis:
-    """An abstract interpreter of a jaxpr over :class:`_Abs` values."""
+    """An abstract interpreter of a jaxpr over :class:`Abs` values."""
 
     def __init__(self) -> None:
         self.roots: list[KeyNode] = []
@@ -159,7 +36,7 @@ class Analysis:
         self._labels: dict[int, str] = {}  # token -> argument path
         self._data_labels: dict[bytes, str] = {}  # raw key data -> argument path
         self._memo: dict[Any, KeyNode] = {}  # roots and traced-index picks, by identity
-        self._consts: dict[int, _Abs] = {}
+        self._consts: dict[int, Abs] = {}
         self._reported: set[tuple[Any, ...]] = set()
         self._libraries = library_dirs()
 
@@ -168,19 +45,19 @@ class Analysis:
     def token(self, key: Any) -> int:
         return self._tokens.setdefault(key, len(self._tokens))
 
-    def fresh(self, keys: np.ndarray | None = None) -> _Abs:
-        return _Abs(next(self._fresh), keys=keys)
+    def fresh(self, keys: np.ndarray | None = None) -> Abs:
+        return Abs(next(self._fresh), keys=keys)
 
-    def value(self, array: Any) -> _Abs:
+    def value(self, array: Any) -> Abs:
         dtype, size = getattr(array, "dtype", None), getattr(array, "size", 1)
         if (dtype is not None and (_is_key_dtype(dtype) or np.dtype(dtype).kind not in "biu")) or size > _MAX_CONCRETE:
             return self.fresh()  # checked before np.asarray: never copy big (device) arrays to the host
         array = np.asarray(array)
         if array.dtype.kind not in "biu":
             return self.fresh()
-        return _Abs(self.token(("v", array.dtype.str, array.shape, array.tobytes())), value=array)
+        return Abs(self.token(("v", array.dtype.str, array.shape, array.tobytes())), value=array)
 
-    def element_token(self, a: _Abs, shape: tuple[int, ...], flat: int) -> int:
+    def element_token(self, a: Abs, shape: tuple[int, ...], flat: int) -> int:
         if a.value is not None:
             return self.value(a.value.reshape(-1)[flat]).token
         if a.uniform is not None:
@@ -189,12 +66,12 @@ class Analysis:
 
     # inputs
 
-    def argument(self, path: str, value: Any, aval: Any) -> _Abs:
+    def argument(self, path: str, value: Any, aval: Any) -> Abs:
         if _is_key(aval):
-            return _Abs(self.token(("arg", path)), keys=self._key_roots(value, path, "argument"))
+            return Abs(self.token(("arg", path)), keys=self._key_roots(value, path, "argument"))
         a = self.value(value)
         if a.value is None:
-            a = _Abs(self.token(("arg", path)))
+            a = Abs(self.token(("arg", path)))
             self._labels[a.token] = path
         elif a.value.dtype == np.uint32 and a.value.ndim and a.value.shape[-1] == 2:
             rows = a.value.reshape(-1, 2)
@@ -203,16 +80,16 @@ class Analysis:
                 self._data_labels.setdefault(row.tobytes(), path + _index_text(index))
         return a
 
-    def const(self, value: Any) -> _Abs:
+    def const(self, value: Any) -> Abs:
         known = self._consts.get(id(value))
         if known is None:
             aval = jax.typeof(value) if isinstance(value, jax.Array) else None
             if aval is not None and _is_key(aval):
-                known = _Abs(self.token(("const", id(value))), keys=self._key_roots(value, "key", "closed over"))
+                known = Abs(self.token(("const", id(value))), keys=self._key_roots(value, "key", "closed over"))
             else:
                 known = self.value(value)
                 if known.value is None:
-                    known = _Abs(self.token(("const", id(value))))
+                    known = Abs(self.token(("const", id(value))))
             self._consts[id(value)] = known
         return known
 
@@ -223,10 +100,10 @@ class Analysis:
         for i, row in enumerate(data):
             index = np.unravel_index(i, keys.shape) if keys.shape else ()
             node = self._root(("data", impl, row.tobytes()), path + _index_text(index), detail)
-            out[index] = _Elem([(node, frozenset())])
+            out[index] = Elem([(node, frozenset())])
         return out
 
-    def _root(self, memo: Any, label: str, detail: str = "", where: _Where | None = None, note: str = "") -> KeyNode:
+    def _root(self, memo: Any, label: str, detail: str = "", where: Where | None = None, note: str = "") -> KeyNode:
         node = self._memo.get(memo)
         if node is None:
             node = KeyNode("root", label, detail, where.location if where else None, note)
@@ -236,17 +113,17 @@ class Analysis:
 
     # running jaxprs
 
-    def call(self, closed: Any, args: list[_Abs], ctx: Context) -> list[_Abs]:
+    def call(self, closed: Any, args: list[Abs], ctx: Context) -> list[Abs]:
         consts = [self.const(c) for c in getattr(closed, "consts", ())]
         return self.run(getattr(closed, "jaxpr", closed), consts, args, ctx)
 
-    def run(self, jaxpr: Any, consts: list[_Abs], args: list[_Abs], ctx: Context) -> list[_Abs]:
+    def run(self, jaxpr: Any, consts: list[Abs], args: list[Abs], ctx: Context) -> list[Abs]:
         import jax.extend.core  # here, not at module top: it costs `import jaxpipe` about 20 ms
 
-        env: dict[Any, _Abs] = dict(zip(jaxpr.constvars, consts, strict=True))
+        env: dict[Any, Abs] = dict(zip(jaxpr.constvars, consts, strict=True))
         env.update(zip(jaxpr.invars, args, strict=True))
 
-        def read(var: Any) -> _Abs:
+        def read(var: Any) -> Abs:
             if isinstance(var, jax.extend.core.Literal):
                 return self.value(np.asarray(var.val, dtype=getattr(var.aval, "dtype", None)))
             return env[var] if var in env else self.fresh()
@@ -256,7 +133,7 @@ class Analysis:
             env.update(zip(eqn.outvars, outs, strict=True))
         return [read(v) for v in jaxpr.outvars]
 
-    def equation(self, eqn: Any, ins: list[_Abs], ctx: Context) -> list[_Abs]:
+    def equation(self, eqn: Any, ins: list[Abs], ctx: Context) -> list[Abs]:
         name = eqn.primitive.name
         handler = _HANDLERS.get(name)
         if handler is not None:
@@ -274,7 +151,7 @@ class Analysis:
             return [self.fresh() for _ in eqn.outvars]
         return self.data(eqn, ins)
 
-    def data(self, eqn: Any, ins: list[_Abs]) -> list[_Abs]:
+    def data(self, eqn: Any, ins: list[Abs]) -> list[Abs]:
         """Value numbering, and exact values for small integer computations."""
         import jax.extend.core
 
@@ -291,14 +168,14 @@ class Analysis:
         except TypeError:
             return [self.fresh() for _ in outs]
         computed = (name, params, tuple(a.token for a in ins))
-        result = [_Abs(self.token((*computed, i))) for i in range(len(outs))]
+        result = [Abs(self.token((*computed, i))) for i in range(len(outs))]
         if name == "broadcast_in_dim" and not eqn.invars[0].aval.shape:
             result[0].uniform = ins[0].token
         return result
 
     # keys: where they come from
 
-    def seed(self, eqn: Any, ins: list[_Abs], ctx: Context) -> list[_Abs]:
+    def seed(self, eqn: Any, ins: list[Abs], ctx: Context) -> list[Abs]:
         where, (seeds,) = self.where(ctx), ins
         impl = _impl_name(eqn.params["impl"])
         shape = eqn.invars[0].aval.shape
@@ -307,10 +184,10 @@ class Analysis:
             seed = seeds.value.reshape(-1)[flat] if seeds.value is not None else None
             label = f"{where.api or 'jax.random.key'}({'…' if seed is None else int(seed)})"
             memo = ("seed", impl, self.element_token(seeds, shape, flat))
-            out[index] = _Elem([(self._root(memo, label, "", where, ctx.note), frozenset())])
-        return [_Abs(next(self._fresh), keys=out)]
+            out[index] = Elem([(self._root(memo, label, "", where, ctx.note), frozenset())])
+        return [Abs(next(self._fresh), keys=out)]
 
-    def wrap(self, eqn: Any, ins: list[_Abs], ctx: Context) -> list[_Abs]:
+    def wrap(self, eqn: Any, ins: list[Abs], ctx: Context) -> list[Abs]:
         """``random_wrap``: raw key data (legacy keys) becomes a typed key."""
         (data,), shape = ins, eqn.outvars[0].aval.shape
         impl = _impl_name(eqn.params["impl"])
@@ -318,12 +195,12 @@ class Analysis:
         for flat, index in enumerate(np.ndindex(shape)):
             elem = data.keys[index] if data.keys is not None else None
             if elem is None:
-                elem = _Elem([(self._data_root(data, shape, index, flat, impl, ctx), frozenset())])
+                elem = Elem([(self._data_root(data, shape, index, flat, impl, ctx), frozenset())])
             out[index] = elem
-        return [_Abs(next(self._fresh), keys=out)]
+        return [Abs(next(self._fresh), keys=out)]
 
     def _data_root(
-        self, data: _Abs, shape: tuple[int, ...], index: tuple[int, ...], flat: int, impl: str, ctx: Context
+        self, data: Abs, shape: tuple[int, ...], index: tuple[int, ...], flat: int, impl: str, ctx: Context
     ) -> KeyNode:
         if data.value is not None:
             raw = data.value.reshape(int(np.prod(shape, dtype=int)), -1)[flat].tobytes()
@@ -339,22 +216,22 @@ class Analysis:
         where = self.where(ctx)
         return self._root(memo, "key data", f"wrapped by {where.api or 'random_wrap'}", where, ctx.note)
 
-    def unwrap(self, eqn: Any, ins: list[_Abs], ctx: Context) -> list[_Abs]:
-        return [_Abs(next(self._fresh), keys=ins[0].keys)]
+    def unwrap(self, eqn: Any, ins: list[Abs], ctx: Context) -> list[Abs]:
+        return [Abs(next(self._fresh), keys=ins[0].keys)]
 
-    def clone(self, eqn: Any, ins: list[_Abs], ctx: Context) -> list[_Abs]:
+    def clone(self, eqn: Any, ins: list[Abs], ctx: Context) -> list[Abs]:
         """``jax.random.clone`` opts out of reuse checks: each clone is a new root."""
         where, keys = self.where(ctx), _keys(ins[0], eqn.invars[0].aval)  # typed keys, or raw data
         out = np.empty(keys.shape, object)
         for index in np.ndindex(keys.shape):
             elem = keys[index]
             path = elem.alts[0][0].path if elem is not None else "a key"
-            out[index] = _Elem([(self._root(object(), "jax.random.clone", f"of {path}", where, ctx.note), frozenset())])
-        return [_Abs(next(self._fresh), keys=out)]
+            out[index] = Elem([(self._root(object(), "jax.random.clone", f"of {path}", where, ctx.note), frozenset())])
+        return [Abs(next(self._fresh), keys=out)]
 
     # keys: how they are used
 
-    def split(self, eqn: Any, ins: list[_Abs], ctx: Context) -> list[_Abs]:
+    def split(self, eqn: Any, ins: list[Abs], ctx: Context) -> list[Abs]:
         where, shape = self.where(ctx), tuple(eqn.params["shape"])
         keys = _keys(ins[0], eqn.invars[0].aval)
         size = int(np.prod(shape, dtype=int))
@@ -373,11 +250,11 @@ class Analysis:
                         split._add(KeyNode("index", _index_text(child) or "[]", note=ctx.note))
                     parts.append((split, tag))
                 for i, child in enumerate(np.ndindex(shape)):
-                    children[child] = _Elem([(split.children[i], tag) for split, tag in parts])
+                    children[child] = Elem([(split.children[i], tag) for split, tag in parts])
             out[index] = children
-        return [_Abs(next(self._fresh), keys=out)]
+        return [Abs(next(self._fresh), keys=out)]
 
-    def fold_in(self, eqn: Any, ins: list[_Abs], ctx: Context) -> list[_Abs]:
+    def fold_in(self, eqn: Any, ins: list[Abs], ctx: Context) -> list[Abs]:
         where, (key_abs, data) = self.where(ctx), ins
         key_aval, data_aval = (v.aval for v in eqn.invars)
         shape = eqn.outvars[0].aval.shape
@@ -400,14 +277,14 @@ class Analysis:
                     node._folds[identity] = child
                 self.use(node, Use("fold_in", where.api or "fold_in", where, ctx.note, ctx.tag | tag), child)
                 parts.append((child, tag))
-            out[index] = _Elem(parts)
-        return [_Abs(next(self._fresh), keys=out)]
+            out[index] = Elem(parts)
+        return [Abs(next(self._fresh), keys=out)]
 
-    def consume(self, eqn: Any, ins: list[_Abs], ctx: Context) -> list[_Abs]:
+    def consume(self, eqn: Any, ins: list[Abs], ctx: Context) -> list[Abs]:
         self.consume_all(eqn, ins[:1], ctx, None)
         return [self.fresh() for _ in eqn.outvars]
 
-    def consume_all(self, eqn: Any, ins: list[_Abs], ctx: Context, label: str | None) -> None:
+    def consume_all(self, eqn: Any, ins: list[Abs], ctx: Context, label: str | None) -> None:
         where = self.where(ctx)
         label = label or where.api or eqn.primitive.name
         details = []
@@ -424,7 +301,7 @@ class Analysis:
     def use(self, node: KeyNode, use: Use, child: KeyNode) -> None:
         """Records a use of ``node`` and reports it if it breaks the one-use rule."""
         for earlier in node._uses:
-            kind = _REUSE_KINDS.get((earlier.kind, use.kind))
+            kind = REUSE_KINDS.get((earlier.kind, use.kind))
             if kind is not None and not _exclusive(earlier.tag, use.tag):
                 self._report(node, kind, earlier, use)
                 break
@@ -443,17 +320,17 @@ class Analysis:
         if code in self._reported:  # one finding per bug, not per key or loop iteration it repeats on
             return
         self._reported.add(code)
-        message = f"`{node.path}` " + _ADVICE[kind].format(*places)
+        message = f"`{node.path}` " + ADVICE[kind].format(*places)
         self.reuses.append(KeyReuse(kind, node.path, places, message, node))
         self.reuse_places.append((later.where.file, later.where.line))
 
     # keys: moved around
 
-    def move(self, eqn: Any, ins: list[_Abs], ctx: Context) -> list[_Abs]:
+    def move(self, eqn: Any, ins: list[Abs], ctx: Context) -> list[Abs]:
         """Indexing, slicing, stacking, ...: done on element ids, exactly, when indices are known."""
         name, avals = eqn.primitive.name, [v.aval for v in eqn.invars]
         roles = operand_roles(name, len(ins))
-        table: list[_Elem | None] = []
+        table: list[Elem | None] = []
         operands: list[Any] = []
         raw = not _is_key(next(aval for aval, is_array in zip(avals, roles, strict=True) if is_array))
         for a, aval, is_array in zip(ins, avals, roles, strict=True):
@@ -472,7 +349,7 @@ class Analysis:
             return self._dynamic(eqn, ins, roles, table, tokens, raw, ctx)
         results = numpy_op(eqn, operands)
         if results is None:
-            return [_Abs(t) for t in tokens]
+            return [Abs(t) for t in tokens]
         outs = []
         for result, aval, token in zip(results, out_avals, tokens, strict=True):
             ids: Any = np.asarray(result)
@@ -481,31 +358,31 @@ class Analysis:
                 valid = whole and (ids[..., 0] >= 0) & (ids[..., 0] % 2 == 0) & (ids[..., 1] == ids[..., 0] + 1)
                 ids = np.where(valid, ids[..., 0] // 2, -1) if whole else None
             if ids is None or ids.shape != (aval.shape[:-1] if raw else aval.shape):
-                outs.append(_Abs(token))
+                outs.append(Abs(token))
                 continue
             keys = np.empty(ids.shape, object)
             for index in np.ndindex(ids.shape):
                 keys[index] = table[ids[index]] if ids[index] >= 0 else None
-            outs.append(_Abs(token, keys=keys))
+            outs.append(Abs(token, keys=keys))
         return outs
 
     def _dynamic(
         self,
         eqn: Any,
-        ins: list[_Abs],
+        ins: list[Abs],
         roles: list[bool],
-        table: list[_Elem | None],
+        table: list[Elem | None],
         tokens: list[int],
         raw: bool,
         ctx: Context,
-    ) -> list[_Abs]:
+    ) -> list[Abs]:
         """A traced index: a pick is the same key only as a pick with the same traced value."""
         name = eqn.primitive.name
         aval = eqn.outvars[0].aval
         if name == "select_n":
             return [self._select(ins, roles, aval, raw, tokens[0])]
         if name not in ("dynamic_slice", "gather"):
-            return [_Abs(t) for t in tokens]  # a traced update: the result is not followed
+            return [Abs(t) for t in tokens]  # a traced update: the result is not followed
         source = [e for e in table if e is not None]
         parents = {id(n.parent): n.parent for e in source for n, _ in e.alts}
         parent = next(iter(parents.values())) if len(parents) == 1 else None
@@ -524,21 +401,21 @@ class Analysis:
                     where = self.where(ctx)
                     node.kind, node.detail, node.location = "root", "picked from a key array", where.location
                     self.roots.append(node)
-            keys[index] = _Elem([(node, frozenset())])
-        return [_Abs(tokens[0], keys=keys)]
+            keys[index] = Elem([(node, frozenset())])
+        return [Abs(tokens[0], keys=keys)]
 
-    def _select(self, ins: list[_Abs], roles: list[bool], aval: Any, raw: bool, token: int) -> _Abs:
+    def _select(self, ins: list[Abs], roles: list[bool], aval: Any, raw: bool, token: int) -> Abs:
         cases = [a.keys for a, is_array in zip(ins, roles, strict=True) if is_array]
         shape = aval.shape[:-1] if raw else aval.shape
         keys = np.empty(shape, object)
         for index in np.ndindex(shape):
             elems = [None if case is None else np.broadcast_to(case, shape)[index] for case in cases]
-            keys[index] = _merge_keys([_Abs(0, keys=np.array(e, dtype=object)) for e in elems], next(self._conds))[()]
-        return _Abs(token, keys=keys)
+            keys[index] = _merge_keys([Abs(0, keys=np.array(e, dtype=object)) for e in elems], next(self._conds))[()]
+        return Abs(token, keys=keys)
 
     # control flow
 
-    def call_like(self, eqn: Any, ins: list[_Abs], ctx: Context) -> list[_Abs]:
+    def call_like(self, eqn: Any, ins: list[Abs], ctx: Context) -> list[Abs]:
         name, params = eqn.primitive.name, eqn.params
         sub = params[CALLS[name]]
         jaxpr = getattr(sub, "jaxpr", sub)
@@ -552,7 +429,7 @@ class Analysis:
             return [self.fresh() for _ in eqn.outvars]
         return self.call(sub, ins, ctx)
 
-    def cond(self, eqn: Any, ins: list[_Abs], ctx: Context) -> list[_Abs]:
+    def cond(self, eqn: Any, ins: list[Abs], ctx: Context) -> list[Abs]:
         branches, (_, *ops) = eqn.params["branches"], ins
         cond = next(self._conds)  # every branch is followed, even when the index is known for this call
         results = [self.call(branch, ops, ctx.branch(cond, b)) for b, branch in enumerate(branches)]
@@ -561,18 +438,18 @@ class Analysis:
             options = [outs[k] for outs in results]
             first = options[0]
             same = all(o.token == first.token for o in options)
-            out = _Abs(first.token, first.value, uniform=first.uniform) if same else self.fresh()
+            out = Abs(first.token, first.value, uniform=first.uniform) if same else self.fresh()
             if any(o.keys is not None for o in options):
                 out.keys = _merge_keys(options, cond)
             merged.append(out)
         return merged
 
-    def scan(self, eqn: Any, ins: list[_Abs], ctx: Context) -> list[_Abs]:
+    def scan(self, eqn: Any, ins: list[Abs], ctx: Context) -> list[Abs]:
         p = eqn.params
         consts_n, carry_n, length = p["num_consts"], p["num_carry"], p["length"]
         consts, carry, xs = ins[:consts_n], ins[consts_n : consts_n + carry_n], ins[consts_n + carry_n :]
         where = self.where(ctx)
-        ys: dict[int, list[_Abs]] = {}
+        ys: dict[int, list[Abs]] = {}
         runs = min(length, 2)
         for t in range(runs):
             i = length - 1 - t if p["reverse"] else t
@@ -580,7 +457,7 @@ class Analysis:
             outs = self.call(p["jaxpr"], [*consts, *carry, *(self._take(x, i) for x in xs)], sub)
             carry, ys[i] = outs[:carry_n], outs[carry_n:]
         if runs < length:
-            carry = [_Abs(next(self._fresh), keys=a.keys) for a in carry]
+            carry = [Abs(next(self._fresh), keys=a.keys) for a in carry]
         stacked = []
         for k in range(len(eqn.outvars) - carry_n):
             parts = {i: outs[k].keys for i, outs in ys.items() if outs[k].keys is not None}
@@ -592,12 +469,12 @@ class Analysis:
             stacked.append(self.fresh(keys))
         return [*carry, *stacked]
 
-    def _take(self, a: _Abs, i: int) -> _Abs:
+    def _take(self, a: Abs, i: int) -> Abs:
         value = a.value[i] if a.value is not None else None
         token = self.value(value).token if value is not None else self.token(("take", a.token, i))
-        return _Abs(token, value, a.keys[i, ...] if a.keys is not None else None, a.uniform)
+        return Abs(token, value, a.keys[i, ...] if a.keys is not None else None, a.uniform)
 
-    def while_loop(self, eqn: Any, ins: list[_Abs], ctx: Context) -> list[_Abs]:
+    def while_loop(self, eqn: Any, ins: list[Abs], ctx: Context) -> list[Abs]:
         p = eqn.params
         cond_n, body_n = p["cond_nconsts"], p["body_nconsts"]
         cond_consts, body_consts, carry = ins[:cond_n], ins[cond_n : cond_n + body_n], ins[cond_n + body_n :]
@@ -606,11 +483,11 @@ class Analysis:
             sub = ctx if t == 0 else ctx.iteration(_iteration_note(where, "jax.lax.while_loop"))
             self.call(p["cond_jaxpr"], [*cond_consts, *carry], sub)
             carry = self.call(p["body_jaxpr"], [*body_consts, *carry], sub)
-        return [_Abs(next(self._fresh), keys=a.keys) for a in carry]
+        return [Abs(next(self._fresh), keys=a.keys) for a in carry]
 
     # places
 
-    def where(self, ctx: Context) -> _Where:
+    def where(self, ctx: Context) -> Where:
         frames = [f for si in ctx.sources if si.traceback is not None for f in reversed(si.traceback.frames)]
         user = [i for i, f in enumerate(frames) if not f.file_name.startswith(self._libraries)]
         inner = frames[user[-1]] if user else None
@@ -630,7 +507,7 @@ class Analysis:
             for scope in getattr(si.name_stack, "stack", ())
             if type(scope).__name__ == "Scope"
         ]
-        return _Where(
+        return Where(
             api=api,
             file=inner.file_name if inner else None,
             line=inner.line_num if inner else None,
@@ -654,7 +531,7 @@ class Analysis:
         return os.path.join(os.path.dirname(jax.__file__), "_src", "nn", "initializers")
 
 
-_HANDLERS: dict[str, Callable[[Analysis, Any, list[_Abs], Context], list[_Abs]]] = {
+_HANDLERS: dict[str, Callable[[Analysis, Any, list[Abs], Context], list[Abs]]] = {
     "random_seed": Analysis.seed,
     "random_wrap": Analysis.wrap,
     "random_unwrap": Analysis.unwrap,
@@ -669,12 +546,12 @@ _HANDLERS: dict[str, Callable[[Analysis, Any, list[_Abs], Context], list[_Abs]]]
 }
 
 
-def _keys(a: _Abs, aval: Any) -> Any:
+def _keys(a: Abs, aval: Any) -> Any:
     """The key elements of a typed key array, or of raw key data (all its axes but the last)."""
     return a.keys if a.keys is not None else np.full(aval.shape if _is_key(aval) else aval.shape[:-1], None, object)
 
 
-def _merge_keys(options: list[_Abs], cond: int) -> Any:
+def _merge_keys(options: list[Abs], cond: int) -> Any:
     shape = next(o.keys.shape for o in options if o.keys is not None)
     out = np.empty(shape, object)
     for index in np.ndindex(shape):
@@ -683,7 +560,7 @@ def _merge_keys(options: list[_Abs], cond: int) -> Any:
             out[index] = elems[0]
             continue
         alts = [(node, tag | {(cond, b)}) for b, e in enumerate(elems) if e is not None for node, tag in e.alts]
-        out[index] = _Elem(alts) if alts else None
+        out[index] = Elem(alts) if alts else None
     return out
 
 
@@ -720,6 +597,6 @@ def _index_text(index: Sequence[Any]) -> str:
     return f"[{', '.join(str(int(i)) for i in index)}]" if len(index) else ""
 
 
-def _iteration_note(where: _Where, default: str) -> str:
+def _iteration_note(where: Where, default: str) -> str:
     loop = where.api or default
     return f"2nd iteration of {loop}" + (f" at {where.location}" if where.location else "")

@@ -6,7 +6,7 @@ import dataclasses
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from jaxpipe._prng.analysis import Use
+    from jaxpipe._prng.uses import Use
 
 KEY_KINDS = ("root", "fold_in", "index")
 

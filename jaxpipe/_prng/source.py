@@ -11,7 +11,7 @@ import sys
 import sysconfig
 from typing import Any
 
-from jaxpipe._plugins import plugin_manager
+from jaxpipe._plugins.manager import plugin_manager
 
 
 def api_name(frames: list[Any], directory: str, namespace: Any) -> str | None:

@@ -12,10 +12,11 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxpipe._pipeline import Pipeline
-from jaxpipe._prng.analysis import Analysis, Context, key_elements
+from jaxpipe._core.protocol import PipelineLike
+from jaxpipe._prng.analysis import Analysis
 from jaxpipe._prng.nodes import KeyNode, KeyReuse, KeyReuseWarning
 from jaxpipe._prng.render import html_list, text_rows
+from jaxpipe._prng.values import Context, key_elements
 from jaxpipe.errors import PipelineError
 
 
@@ -117,7 +118,7 @@ def key_tree(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> KeyTree:
 
 
 def _name_of(fn: Any) -> str:
-    if isinstance(fn, Pipeline):  # its stages too, as the pipeline reads in code
+    if isinstance(fn, PipelineLike):  # its stages too, as the pipeline reads in code
         return repr(fn)
     return getattr(fn, "__name__", None) or type(fn).__name__
 

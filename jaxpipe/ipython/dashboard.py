@@ -29,7 +29,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-from jaxpipe._fit import metrics_of
+from jaxpipe._core.run import metrics_of
 from jaxpipe.hookspecs import hookimpl
 
 REFRESH_SECONDS = 0.5
@@ -328,7 +328,7 @@ DASHBOARD = Dashboard()
 
 def register() -> Callable[[], None]:
     """Registers :data:`DASHBOARD` with jaxpipe's plugins; returns the undo (for ``%unload_ext``)."""
-    from jaxpipe._plugins import plugin_manager
+    from jaxpipe._plugins.manager import plugin_manager
 
     pm = plugin_manager()
     if not pm.is_registered(DASHBOARD):

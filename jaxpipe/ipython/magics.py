@@ -26,8 +26,10 @@ from IPython.core.magic import Magics, cell_magic, line_cell_magic, line_magic, 
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from IPython.display import display
 
-from jaxpipe import _cache, _inspect, _spec
 from jaxpipe._pipeline import Pipeline
+from jaxpipe._tools import compile_cache as _cache
+from jaxpipe._tools import inspection as _inspect
+from jaxpipe._tools import spec as _spec
 from jaxpipe.errors import PipelineError
 from jaxpipe.ipython.memo import PipelineMemo
 

@@ -22,7 +22,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxpipe import _compiled, _fold
+from jaxpipe._core import builds as _compiled
+from jaxpipe._core import fold as _fold
 from jaxpipe._pipeline import Pipeline
 
 _LITERALS = (bool, int, float, complex, str, bytes, type(None))

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from jaxpipe._prng import key_tree
-from jaxpipe.ipython import display
+from jaxpipe._tools import display
 
 if TYPE_CHECKING:
     from jaxpipe._pipeline import Pipeline

@@ -15,20 +15,22 @@ from typing import TYPE_CHECKING, Any
 
 import jax
 
-from jaxpipe import _fold
-from jaxpipe._builtins import BUILTIN_STAGES
-from jaxpipe._stages import Stage, StageContext, StageKind
+from jaxpipe._core import fold as _fold
+from jaxpipe._core.stage import Stage, StageContext, StageKind
+from jaxpipe._stages.builtins import BUILTIN_STAGES
 from jaxpipe.errors import PipelineError
 
 if TYPE_CHECKING:
-    from jaxpipe._pipeline import Pipeline
+    from jaxpipe._core.protocol import PipelineLike
 
 _DIFF = (BUILTIN_STAGES["grad"], BUILTIN_STAGES["value_and_grad"])
 _VMAP = (BUILTIN_STAGES["vmap"],)
 _ARG_NAME = re.compile(r"depends on the value of the argument (\w+)")
 
 
-def explain_error(pipe: Pipeline, err: Exception, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Exception | None:
+def explain_error(
+    pipe: PipelineLike, err: Exception, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Exception | None:
     """A PipelineError explaining ``err``, or None when jaxpipe has nothing to add."""
     if isinstance(err, PipelineError):
         return None
@@ -42,7 +44,7 @@ def explain_error(pipe: Pipeline, err: Exception, args: tuple[Any, ...], kwargs:
     return None
 
 
-def _failing_stage(pipe: Pipeline, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
+def _failing_stage(pipe: PipelineLike, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
     """Traces again with shapes only; the 0-based stage whose wrapped call raised first."""
     seen: list[int] = []
 
@@ -67,17 +69,17 @@ def _failing_stage(pipe: Pipeline, args: tuple[Any, ...], kwargs: dict[str, Any]
     return None
 
 
-def _placed(message: str, pipe: Pipeline, index: int | None) -> PipelineError:
+def _placed(message: str, pipe: PipelineLike, index: int | None) -> PipelineError:
     if index is None:
         return PipelineError(message, pipeline=repr(pipe))
     return PipelineError(message).at(index + 1, pipe.stages[index], pipe)
 
 
-def _is(pipe: Pipeline, index: int | None, kinds: tuple[StageKind, ...]) -> bool:
+def _is(pipe: PipelineLike, index: int | None, kinds: tuple[StageKind, ...]) -> bool:
     return index is not None and pipe.stages[index].kind in kinds
 
 
-def _first(pipe: Pipeline, where: Callable[[StageKind], bool]) -> int | None:
+def _first(pipe: PipelineLike, where: Callable[[StageKind], bool]) -> int | None:
     """The index of the first stage whose kind ``where`` accepts, else None."""
     return next((index for index, stage in enumerate(pipe.stages) if where(stage.kind)), None)
 
@@ -89,7 +91,7 @@ def _is_nonscalar_grad(err: Exception, text: str) -> bool:
     return isinstance(err, TypeError) and "only defined for scalar-output functions" in text
 
 
-def _advise_nonscalar_grad(pipe: Pipeline, err: Exception, text: str, args: Any, kwargs: Any) -> PipelineError:
+def _advise_nonscalar_grad(pipe: PipelineLike, err: Exception, text: str, args: Any, kwargs: Any) -> PipelineError:
     index = _failing_stage(pipe, args, kwargs)
     if not _is(pipe, index, _DIFF):
         index = _first(pipe, lambda kind: kind in _DIFF)
@@ -117,7 +119,7 @@ def _is_vmap_sizes(err: Exception, text: str) -> bool:
 _SIZE_LINE = re.compile(r"had size (\d+): axis (\d+) of (argument [^;\n]*?) of type (\S+?)[;\n]?$", re.M)
 
 
-def _advise_vmap_sizes(pipe: Pipeline, err: Exception, text: str, args: Any, kwargs: Any) -> PipelineError:
+def _advise_vmap_sizes(pipe: PipelineLike, err: Exception, text: str, args: Any, kwargs: Any) -> PipelineError:
     index = _failing_stage(pipe, args, kwargs)
     if not _is(pipe, index, _VMAP):
         index = _first(pipe, lambda kind: kind in _VMAP)
@@ -145,7 +147,7 @@ def _is_concretization(err: Exception, text: str) -> bool:
     )
 
 
-def _advise_concretization(pipe: Pipeline, err: Exception, text: str, args: Any, kwargs: Any) -> PipelineError:
+def _advise_concretization(pipe: PipelineLike, err: Exception, text: str, args: Any, kwargs: Any) -> PipelineError:
     batched = "BatchTracer" in text
     if batched:  # under a batching transform
         index = _first(pipe, lambda kind: kind in _VMAP or kind is BUILTIN_STAGES["pmap"])
@@ -191,7 +193,7 @@ def _is_inplace(err: Exception, text: str) -> bool:
     return isinstance(err, TypeError) and "immutable and do not support in-place item assignment" in text
 
 
-def _advise_inplace(pipe: Pipeline, err: Exception, text: str, args: Any, kwargs: Any) -> PipelineError:
+def _advise_inplace(pipe: PipelineLike, err: Exception, text: str, args: Any, kwargs: Any) -> PipelineError:
     index = _failing_stage(pipe, args, kwargs) if pipe.stages else None
     return _placed(
         f"`{pipe.name}` assigns into a JAX array in place (`x[i] = v`), but JAX arrays are immutable.\n"
@@ -209,7 +211,7 @@ def _is_vmap_arity(err: Exception, text: str) -> bool:
     return isinstance(err, ValueError) and "vmap in_axes must be" in text and "len(args)" in text
 
 
-def _advise_vmap_arity(pipe: Pipeline, err: Exception, text: str, args: Any, kwargs: Any) -> PipelineError:
+def _advise_vmap_arity(pipe: PipelineLike, err: Exception, text: str, args: Any, kwargs: Any) -> PipelineError:
     index = _failing_stage(pipe, args, kwargs)
     if not _is(pipe, index, _VMAP):
         index = _first(pipe, lambda kind: kind in _VMAP)

@@ -12,9 +12,10 @@ from typing import Any
 
 import jax
 
-from jaxpipe import _data_parallel, _shard
-from jaxpipe._arguments import check_argnames, check_argnums, positional_range
-from jaxpipe._stages import StageContext, StageKind, Training
+from jaxpipe._core.signature import check_argnames, check_argnums, positional_range
+from jaxpipe._core.stage import StageContext, StageKind, Training
+from jaxpipe._stages import data_parallel as _data_parallel
+from jaxpipe._stages import shard as _shard
 
 # --- checks of the built-in stages ---------------------------------------------
 

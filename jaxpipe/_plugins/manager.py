@@ -31,7 +31,7 @@ from jaxpipe import hookspecs
 from jaxpipe.errors import PluginWarning
 
 if TYPE_CHECKING:
-    from jaxpipe._pipeline import Pipeline
+    from jaxpipe._core.protocol import PipelineLike
 
 ENTRY_POINT_GROUP = "jaxpipe"
 BLOCK_ENV = "JAXPIPE_DISABLE_PLUGINS"
@@ -79,21 +79,13 @@ def plugin_manager() -> pluggy.PluginManager:
     return pm
 
 
-def reset() -> None:
-    """Forgets loaded plugins and stages, so the next lookup loads them again."""
-    from jaxpipe import _registry
-
-    plugin_manager.cache_clear()
-    _registry.registry.cache_clear()
-
-
 # --- isolation of installed plugins' run hooks ---------------------------------------
 
 
 class _Run:
     """One ``init`` or ``fit``: its pipeline, the run it started inside, and the plugin hooks it turned off."""
 
-    def __init__(self, pipe: Pipeline, outer: _Run | None) -> None:
+    def __init__(self, pipe: PipelineLike, outer: _Run | None) -> None:
         self.pipe, self.outer = pipe, outer
         self.disabled: set[tuple[str, str]] = set()
 
@@ -199,7 +191,7 @@ def installed_plugins() -> list[object]:
     return [getattr(p, "obj", p) for p in plugin_manager().get_plugins() if not isinstance(p, _RunOwned)]
 
 
-def running(pipe: Pipeline) -> bool:
+def running(pipe: PipelineLike) -> bool:
     """Whether ``pipe``'s ``init`` or ``fit`` is under way, so its run hooks are registered."""
     run = _current_run.get()  # this thread's (or task's) runs, innermost first
     while run is not None:
@@ -210,7 +202,7 @@ def running(pipe: Pipeline) -> bool:
 
 
 @contextlib.contextmanager
-def run_hooks(pipe: Pipeline, extra: Sequence[object] = ()) -> Iterator[Any]:
+def run_hooks(pipe: PipelineLike, extra: Sequence[object] = ()) -> Iterator[Any]:
     """The hooks of one run: every plugin, this pipeline's stage hooks, and ``extra``.
 
     Yields the process-wide manager's hook relay (``hook.jaxpipe_fit_step(...)``),

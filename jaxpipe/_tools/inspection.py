@@ -17,14 +17,15 @@ from typing import TYPE_CHECKING, Any
 
 import jax
 
-from jaxpipe import _diagnose, _fold
-from jaxpipe._cache import CompileEvents
+from jaxpipe._core import fold as _fold
+from jaxpipe._tools import diagnose as _diagnose
+from jaxpipe._tools.compile_cache import CompileEvents
 
 if TYPE_CHECKING:
-    from jaxpipe._pipeline import Pipeline
+    from jaxpipe._core.protocol import PipelineLike
 
 
-def _explained(pipe: Pipeline, args: tuple[Any, ...], kwargs: dict[str, Any], run: Callable[[], Any]) -> Any:
+def _explained(pipe: PipelineLike, args: tuple[Any, ...], kwargs: dict[str, Any], run: Callable[[], Any]) -> Any:
     __tracebackhide__ = True
     try:
         return run()
@@ -39,19 +40,19 @@ def _lowerable(fn: Callable[..., Any]) -> Any:
     return fn if hasattr(fn, "lower") else jax.jit(fn)
 
 
-def jaxpr(pipe: Pipeline, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+def jaxpr(pipe: PipelineLike, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     built = pipe.build()
     if hasattr(built, "trace"):
         return _explained(pipe, args, kwargs, lambda: built.trace(*args, **kwargs).jaxpr)
     return _explained(pipe, args, kwargs, lambda: jax.make_jaxpr(built)(*args, **kwargs))
 
 
-def lower(pipe: Pipeline, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+def lower(pipe: PipelineLike, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     target = _lowerable(pipe.build())
     return _explained(pipe, args, kwargs, lambda: target.lower(*args, **kwargs))
 
 
-def hlo(pipe: Pipeline, args: tuple[Any, ...], kwargs: dict[str, Any], *, dialect: str, optimized: bool) -> str:
+def hlo(pipe: PipelineLike, args: tuple[Any, ...], kwargs: dict[str, Any], *, dialect: str, optimized: bool) -> str:
     lowered = lower(pipe, args, kwargs)
     if optimized:
         return lowered.compile().as_text()
@@ -75,7 +76,7 @@ class Cost:
         )
 
 
-def cost(pipe: Pipeline, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Cost:
+def cost(pipe: PipelineLike, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Cost:
     analysis = lower(pipe, args, kwargs).compile().cost_analysis()
     if isinstance(analysis, (list, tuple)):  # older JAX returned one dict per device
         analysis = analysis[0] if analysis else None
@@ -105,7 +106,7 @@ class Memory:
         return _table("memory", [*rows, ("total bytes", self.total_bytes)], _number)
 
 
-def memory(pipe: Pipeline, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Memory:
+def memory(pipe: PipelineLike, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Memory:
     stats = lower(pipe, args, kwargs).compile().memory_analysis()
 
     def read(name: str) -> int | None:
@@ -174,12 +175,12 @@ def fresh_copy(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fresh
 
 
-def timing(pipe: Pipeline, args: tuple[Any, ...], kwargs: dict[str, Any], *, number: int, repeat: int) -> Timing:
+def timing(pipe: PipelineLike, args: tuple[Any, ...], kwargs: dict[str, Any], *, number: int, repeat: int) -> Timing:
     target = fresh_build(pipe)
     return _explained(pipe, args, kwargs, lambda: time_call(target, args, kwargs, number=number, repeat=repeat))
 
 
-def fresh_build(pipe: Pipeline) -> Callable[..., Any]:
+def fresh_build(pipe: PipelineLike) -> Callable[..., Any]:
     """The pipeline built around a fresh copy of its function: nothing cached yet, nothing shared."""
     return _fold.build(pipe.with_fn(fresh_copy(pipe.fn)))
 

@@ -14,7 +14,7 @@ import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from jaxpipe._format import format_options, same_value, value_hash
+from jaxpipe._core.format import format_options, same_value, value_hash
 
 
 @dataclasses.dataclass(frozen=True)

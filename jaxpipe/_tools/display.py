@@ -9,10 +9,10 @@ from __future__ import annotations
 import html
 from typing import TYPE_CHECKING, Any
 
-from jaxpipe._format import format_options
+from jaxpipe._core.format import format_options
 
 if TYPE_CHECKING:
-    from jaxpipe._pipeline import Pipeline
+    from jaxpipe._core.protocol import PipelineLike
 
 _PRE_STYLE = "margin:0;padding:6px;max-height:28em;overflow:auto;background:rgba(127,127,127,0.08)"
 
@@ -33,12 +33,12 @@ def code_html(text: str) -> str:
     return f'<pre style="{_PRE_STYLE}">{html.escape(text)}</pre>'
 
 
-def stage_rows(pipe: Pipeline) -> list[tuple[str, str, str, str]]:
+def stage_rows(pipe: PipelineLike) -> list[tuple[str, str, str, str]]:
     """One (stage, options, plugin, summary) row per stage, in call order."""
     return [(s.name, format_options(s.options), s.kind.plugin, s.kind.summary) for s in pipe.stages]
 
 
-def pipeline_text(pipe: Pipeline) -> str:
+def pipeline_text(pipe: PipelineLike) -> str:
     """The plain-text view: the fluent form, the stages and the equivalent JAX."""
     lines = [repr(pipe)]
     for number, (name, options, plugin, _) in enumerate(stage_rows(pipe), 1):
@@ -48,7 +48,7 @@ def pipeline_text(pipe: Pipeline) -> str:
     return "\n".join(lines)
 
 
-def pipeline_html(pipe: Pipeline) -> str:
+def pipeline_html(pipe: PipelineLike) -> str:
     """The HTML view: a table of stages and the equivalent JAX code."""
     e = html.escape
     left = '<td style="text-align:left">'  # JupyterLab right-aligns table cells

@@ -10,10 +10,10 @@ import inspect
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from jaxpipe._format import format_signature
+from jaxpipe._core.format import format_signature
 
 if TYPE_CHECKING:
-    from jaxpipe._stages import StageContext
+    from jaxpipe._core.stage import StageContext
 
 
 @functools.lru_cache(maxsize=256)

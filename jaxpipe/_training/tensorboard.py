@@ -20,7 +20,7 @@ import os
 import time
 from typing import Any
 
-from jaxpipe._fit import metrics_of
+from jaxpipe._core.run import metrics_of
 from jaxpipe.hookspecs import hookimpl
 
 

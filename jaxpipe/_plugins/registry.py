@@ -6,11 +6,12 @@ import dataclasses
 import difflib
 import functools
 import keyword
+from collections.abc import Iterable
 from typing import Any
 
-from jaxpipe._builtins import BUILTIN_STAGES
-from jaxpipe._plugins import BLOCK_ENV, plugin_manager, warn_plugin
-from jaxpipe._stages import StageKind
+from jaxpipe._core.stage import StageKind
+from jaxpipe._plugins.manager import BLOCK_ENV, plugin_manager, warn_plugin
+from jaxpipe._stages.builtins import BUILTIN_STAGES
 from jaxpipe.errors import PluginError, UnknownStageError
 
 
@@ -48,10 +49,19 @@ class Registry:
         )
 
 
-def _reserved_names() -> frozenset[str]:
-    from jaxpipe._pipeline import Pipeline  # it imports this module
+_reserved: set[str] = set()
 
-    return frozenset(n for n in dir(Pipeline) if not n.startswith("_")) - set(BUILTIN_STAGES)
+
+def reserve(names: Iterable[str]) -> None:
+    """Names no plugin stage may take: ``Pipeline``'s own methods (it reserves them when it is defined)."""
+    _reserved.update(n for n in names if not n.startswith("_") and n not in BUILTIN_STAGES)
+    registry.cache_clear()
+
+
+def reset() -> None:
+    """Forgets loaded plugins and stages, so the next lookup loads them again."""
+    plugin_manager.cache_clear()
+    registry.cache_clear()
 
 
 @functools.cache
@@ -59,7 +69,7 @@ def registry() -> Registry:
     """Collects stage kinds from every registered plugin, once per process."""
     kinds = dict(BUILTIN_STAGES)
     owners: dict[str, list[str]] = {name: ["jaxpipe"] for name in kinds}
-    for name in _reserved_names():  # Pipeline's own methods: build, explain, init, ...
+    for name in sorted(_reserved):  # Pipeline's own methods: build, explain, init, ...
         owners[name] = ["jaxpipe"]
     hook = plugin_manager().hook.jaxpipe_register_stages
     for impl in reversed(hook.get_hookimpls()):  # registration order

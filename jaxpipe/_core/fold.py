@@ -10,12 +10,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from jaxpipe._arguments import signature_of
-from jaxpipe._stages import Stage, StageContext
+from jaxpipe._core.signature import signature_of
+from jaxpipe._core.stage import Stage, StageContext
 from jaxpipe.errors import PipelineError
 
 if TYPE_CHECKING:
-    from jaxpipe._pipeline import Pipeline
+    from jaxpipe._core.protocol import PipelineLike
 
 T = TypeVar("T")
 
@@ -27,7 +27,7 @@ def context(fn: Callable[..., Any], before: tuple[Stage, ...]) -> StageContext:
 
 
 def fold(
-    pipe: Pipeline,
+    pipe: PipelineLike,
     step: Callable[[T, Stage, StageContext], T],
     initial: T,
     failed: Callable[[Stage, Exception], str],
@@ -57,12 +57,12 @@ def rejected(stage: Stage, err: Exception) -> str:
     return f"`{stage.kind.jax_name or stage.name}` rejected its options {stage!r}: {err}"
 
 
-def build(pipe: Pipeline) -> Callable[..., Any]:
+def build(pipe: PipelineLike) -> Callable[..., Any]:
     """The composed callable: each stage's ``apply`` around the one before (no sharing; see ``Pipeline.build``)."""
     return fold(pipe, lambda fn, stage, ctx: stage.apply(fn), pipe.fn, rejected)
 
 
-def explain(pipe: Pipeline) -> str:
+def explain(pipe: PipelineLike) -> str:
     """The equivalent hand-written JAX: each stage's ``explain`` around the expression so far."""
     definitions: list[str] = []
 

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 from jaxpipe.errors import PipelineError
 
 if TYPE_CHECKING:
-    from jaxpipe._pipeline import Pipeline
+    from jaxpipe._core.protocol import PipelineLike
 
 MAX_CHARS = 10_000
 """Longest spec accepted; a pipeline is a line or a few, not a program."""
@@ -320,10 +320,12 @@ def parse(text: str) -> Spec:
 # --- resolving names and building -------------------------------------------------
 
 
-def from_spec(text: str, namespace: Mapping[str, Any]) -> Pipeline:
-    """The Pipeline the text describes, with names looked up in ``namespace``."""
-    from jaxpipe._pipeline import Pipeline
+def from_spec(text: str, namespace: Mapping[str, Any], pipeline_type: type[Any]) -> Any:
+    """The ``pipeline_type`` (``jaxpipe.Pipeline``) the text describes, with names looked up in ``namespace``.
 
+    The type is passed in, not imported, so this tool stays below the ``Pipeline`` layer.
+    """
+    Pipeline = pipeline_type
     spec = parse(text)
     text = spec.text  # line ends as Python reads them, for the error messages
     if not isinstance(namespace, Mapping):
@@ -485,7 +487,7 @@ def _at(where: Any, text: str, message: str) -> SpecError:
 # --- writing ------------------------------------------------------------------------
 
 
-def to_spec(pipe: Pipeline, namespace: Mapping[str, Any] | None = None) -> str:
+def to_spec(pipe: PipelineLike, namespace: Mapping[str, Any] | None = None) -> str:
     """The spec text for ``pipe``; ``from_spec`` of it gives an equal pipeline.
 
     Literals are written as Python writes them; other values (functions,

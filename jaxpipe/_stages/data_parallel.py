@@ -16,13 +16,14 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxpipe._mesh import auto_mesh, check_mesh, check_split, mesh_code
-from jaxpipe._train import TrainState, stacks_batches
+from jaxpipe._core.state import TrainState
+from jaxpipe._core.steps import stacks_batches
+from jaxpipe._stages.mesh import auto_mesh, check_mesh, check_split, mesh_code
 from jaxpipe.errors import PipelineError
 from jaxpipe.hookspecs import hookimpl
 
 if TYPE_CHECKING:
-    from jaxpipe._stages import StageContext
+    from jaxpipe._core.stage import StageContext
 
 
 # --- .data_parallel(): the batch split along a mesh axis --------------------------

@@ -14,19 +14,19 @@ from collections.abc import Callable, Hashable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from jaxpipe._pipeline import Pipeline
-    from jaxpipe._stages import Stage
+    from jaxpipe._core.protocol import PipelineLike
+    from jaxpipe._core.stage import Stage
 
 SIZE = 256
 _shared: collections.OrderedDict[Hashable, Callable[..., Any]] = collections.OrderedDict()
 
 
-def program(pipe: Pipeline) -> tuple[Stage, ...]:
+def program(pipe: PipelineLike) -> tuple[Stage, ...]:
     """The stages that shape the built program (not those declared ``keeps_program``)."""
     return tuple(stage for stage in pipe.stages if not stage.kind.keeps_program)
 
 
-def key(pipe: Pipeline) -> Hashable | None:
+def key(pipe: PipelineLike) -> Hashable | None:
     """What the built program depends on; None when the function or an option cannot be hashed."""
     k = (pipe.fn, program(pipe))
     try:

@@ -14,164 +14,36 @@ however many steps each call runs.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import functools
 import signal
 import sys
 import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpipe import _fit_data, _fit_program, _grain
-from jaxpipe._fit_data import check_arrays
-from jaxpipe._fold import fold
-from jaxpipe._plugins import installed_plugins
-from jaxpipe._stages import Stage, StageContext
-from jaxpipe._train import TrainState, run_hooks, scan_steps, stacks_batches
+from jaxpipe._core.protocol import PipelineLike
+from jaxpipe._core.run import FitRun, metrics_of
+from jaxpipe._core.state import TrainState
+from jaxpipe._core.steps import scan_steps, stacks_batches
+from jaxpipe._plugins.manager import installed_plugins, run_hooks
+from jaxpipe._tools import diagnose
+from jaxpipe._training import data as _fit_data
+from jaxpipe._training import grain as _grain
+from jaxpipe._training import program as _fit_program
+from jaxpipe._training.data import check_arrays
+from jaxpipe._training.evaluate import evaluate
 from jaxpipe.errors import PipelineError
-
-if TYPE_CHECKING:
-    from jaxpipe._pipeline import Pipeline
 
 _CALL_SECONDS = 0.2  # a call's target length: Ctrl-C and Stop act within about two calls
 _CAPACITY = 4096  # most steps in one call (the metrics buffer's rows)
 ON_NONFINITE = ("raise", "stop", "ignore")
 _ROUND = [m * 10**e for e in range(7) for m in (1, 2, 5)]
 _STEP_SECONDS: dict[Any, float] = {}  # measured seconds per step, by pipeline, mode and batch shapes
-
-
-def metrics_of(row: dict[str, Any]) -> dict[str, Any]:
-    """A ``run.history`` or ``run.eval_history`` row's metrics: all but its ``step`` and ``epoch``."""
-    return {name: value for name, value in row.items() if name not in ("step", "epoch")}
-
-
-@dataclasses.dataclass
-class FitRun:
-    """One call of ``fit``, as plugin hooks see it.
-
-    Attributes:
-      pipeline: the pipeline being trained.
-      epochs: the run's total number of epochs (not a count to add).
-      batch_size: examples per step (None for an iterable of batches).
-      steps_per_epoch: steps in one epoch, if the data has a length.
-      total_steps: the step the run ends at, if known.
-      start_step: the step this call started from (after any resume).
-      step: the state's step after the latest call.
-      history: one row per step, ``{"step": int, "epoch": int, **metrics}``
-        (epochs counted from 1), filled as ``fit`` reads metrics back.
-      eval_history: one row per epoch with an eval set, ``{"step", "epoch", **eval metrics}``.
-      interrupted: whether Ctrl-C, :meth:`stop` or a non-finite step ended the run early.
-      error: the exception that ended the run, if a step failed.
-      resume: whether a checkpoint may be restored (``fit(..., resume=False)`` starts over).
-      data_state: for an iterator with ``get_state()``/``set_state()`` (Grain's),
-        its JSON-able state right after the batches trained so far.
-      resumed_data_state: set by a checkpointer that restored a saved
-        ``data_state``; ``fit`` then calls ``set_state`` instead of skipping batches.
-      per_call: what one compiled call runs, e.g. ``"20 steps, data on the device"``.
-    """
-
-    pipeline: Any
-    epochs: int
-    batch_size: int | None
-    steps_per_epoch: int | None
-    total_steps: int | None
-    start_step: int = 0
-    step: int = 0
-    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
-    eval_history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
-    interrupted: bool = False
-    error: BaseException | None = None
-    resume: bool = True
-    data_state: Any = None
-    resumed_data_state: Any = None
-    per_call: str = ""
-    _stop: threading.Event = dataclasses.field(default_factory=threading.Event, repr=False)
-
-    def stop(self) -> None:
-        """Ends training cleanly after the current call (thread-safe)."""
-        self._stop.set()
-
-    def interrupt(self) -> None:
-        """Ctrl-C's rule: the first stops after the current call; a second, once a stop is asked, interrupts now."""
-        if self.stop_requested:
-            raise KeyboardInterrupt
-        self.interrupted = True
-        self.stop()
-
-    @property
-    def stop_requested(self) -> bool:
-        return self._stop.is_set()
-
-    @property
-    def epoch(self) -> int:
-        """The epoch the next step belongs to, counted from 0 (as ``fold_in`` sees it)."""
-        return self.step // self.steps_per_epoch if self.steps_per_epoch else 0
-
-    @property
-    def position(self) -> dict[str, int]:
-        """Where in the data the next step starts: epoch and batch within it, counted from 0."""
-        per_epoch = self.steps_per_epoch or 0
-        return {"epoch": self.epoch, "batch": self.step % per_epoch if per_epoch else self.step}
-
-    def where(self, step: int) -> str:
-        """``step`` (a count of steps, the n-th step) as a person reads it: "step 38 (epoch 2, batch 3 of 7)"."""
-        if not self.steps_per_epoch:
-            return f"step {step} (batch {step} of the data)"
-        epoch, batch = divmod(step - 1, self.steps_per_epoch)
-        return f"step {step} (epoch {epoch + 1}, batch {batch + 1} of {self.steps_per_epoch})"
-
-    def epoch_of(self, step: int) -> int:
-        """The epoch (from 1) that the ``step``-th step belongs to."""
-        return (step - 1) // self.steps_per_epoch + 1 if self.steps_per_epoch else 1
-
-
-# --- evaluation ------------------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=8)  # one compiled evaluator per pipeline, not one per epoch
-def evaluator(pipe: Pipeline) -> Callable[[TrainState, Any], dict[str, Any]] | None:
-    """A jitted ``(state, batch) -> metrics`` from the last stage that can evaluate.
-
-    A stage's ``evaluate`` may return None to leave evaluation to an earlier one.
-    """
-    found = None
-
-    def note(fn: Callable[..., Any], stage: Stage, ctx: StageContext) -> Callable[..., Any]:
-        nonlocal found
-        training = stage.kind.training
-        if training is not None and training.evaluate is not None:
-            found = training.evaluate(fn, **stage.options) or found
-        return stage.apply(fn)
-
-    fold(pipe, note, pipe.fn, lambda stage, err: f"making the evaluation step of `.{stage.name}()` failed: {err}")
-    return jax.jit(found) if found is not None else None
-
-
-def evaluate(
-    pipe: Pipeline, state: TrainState, data: Mapping[str, Any], batch_size: int | None = None
-) -> dict[str, float]:
-    """Metrics of ``state`` on a dict-of-arrays data set, averaged over examples."""
-    step = evaluator(pipe)
-    if step is None:
-        raise PipelineError(
-            "this pipeline has no stage that can evaluate (a `.model(...)` stage does).",
-            pipeline=repr(pipe),
-        )
-    size = check_arrays(data, "eval data", argument="eval_data")
-    batch_size = min(batch_size or size, size)
-    totals: dict[str, float] = {}
-    for start in range(0, size, batch_size):
-        batch = {key: np.asarray(value)[start : start + batch_size] for key, value in data.items()}
-        count = next(iter(batch.values())).shape[0]
-        for name, value in jax.device_get(step(state, batch)).items():
-            totals[name] = totals.get(name, 0.0) + float(value) * count
-    return {name: total / size for name, total in totals.items()}
 
 
 # --- the loop ----------------------------------------------------------------------
@@ -204,7 +76,7 @@ def _progress(enabled: bool | Callable[..., Any], total: int | None, initial: in
 
 
 def fit(
-    pipe: Pipeline,
+    pipe: PipelineLike,
     state: TrainState,
     data: Mapping[str, Any] | Iterable[Any],
     *,
@@ -311,7 +183,7 @@ def fit(
 
 
 def _plan(
-    pipe: Pipeline,
+    pipe: PipelineLike,
     state: Any,
     data: Any,
     epochs: Any,
@@ -410,7 +282,7 @@ def _say_complete(run: FitRun, resumed: bool) -> None:
     )
 
 
-def _every(pipe: Pipeline) -> list[int]:
+def _every(pipe: PipelineLike) -> list[int]:
     """Step periods the stages' run hooks act on (``Training.period``, e.g. ``.checkpoint(every=...)``)."""
     return [
         stage.kind.training.period(dict(stage.options))
@@ -481,7 +353,7 @@ class _Loop:
     ``fit`` always did).
     """
 
-    def __init__(self, pipe: Pipeline, run: FitRun, hook: Any, bar: Any, state: Any, data: Any, plan: Any) -> None:
+    def __init__(self, pipe: PipelineLike, run: FitRun, hook: Any, bar: Any, state: Any, data: Any, plan: Any) -> None:
         self.pipe, self.run, self.hook, self.bar, self.data, self.plan = pipe, run, hook, bar, data, plan
         self.guard: bool = plan["guard"]
         self.nonfinite: str | None = None
@@ -846,9 +718,7 @@ class _Loop:
 
     def _explain(self, err: Exception) -> None:
         """Re-raises a failed call as the pipeline itself would explain it; returns if there is nothing to add."""
-        from jaxpipe import _diagnose
-
-        explained = _diagnose.explain_error(self.pipe, err, (self.state(), None), {})
+        explained = diagnose.explain_error(self.pipe, err, (self.state(), None), {})
         if explained is not None:
             raise explained from err
         located = err.within(self.pipe) if isinstance(err, PipelineError) else err

@@ -12,9 +12,9 @@ import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from jaxpipe._arguments import signature_of
-from jaxpipe._format import format_options, format_value
-from jaxpipe._mesh import (
+from jaxpipe._core.format import format_options, format_value
+from jaxpipe._core.signature import signature_of
+from jaxpipe._stages.mesh import (
     auto_mesh,
     check_mesh,
     check_spec_count,
@@ -29,7 +29,7 @@ from jaxpipe._mesh import (
 from jaxpipe.errors import PipelineError
 
 if TYPE_CHECKING:
-    from jaxpipe._stages import StageContext
+    from jaxpipe._core.stage import StageContext
 
 
 # --- .shard(): jax.shard_map --------------------------------------------------------

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 if TYPE_CHECKING:
-    from jaxpipe._pipeline import Pipeline
+    from jaxpipe._core.protocol import PipelineLike
 
 
 def _probe(*args: Any) -> Any:  # a function to see whether a stage leaves its input alone
@@ -37,7 +37,7 @@ def _probe(*args: Any) -> Any:  # a function to see whether a stage leaves its i
 
 
 @functools.lru_cache(maxsize=32)  # one wrapped step per pipeline, as the compiled program is
-def step_function(pipe: Pipeline) -> Callable[..., Any] | None:
+def step_function(pipe: PipelineLike) -> Callable[..., Any] | None:
     """The pipeline's one training step, not jitted: all stages but ``.scan`` and ``.jit``.
 
     None when ``fit`` should call the pipeline as built: no plain ``.jit()``
@@ -130,7 +130,7 @@ def _row(metrics: dict[str, Any], names: list[str]) -> tuple[jax.Array, jax.Arra
 
 @functools.lru_cache(maxsize=32)
 def program(
-    pipe: Pipeline,
+    pipe: PipelineLike,
     codec: KeyCodec,
     *,
     gather: bool,

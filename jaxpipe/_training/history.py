@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
-from jaxpipe._fit import metrics_of
+from jaxpipe._core.run import metrics_of
 from jaxpipe.hookspecs import hookimpl
 
 

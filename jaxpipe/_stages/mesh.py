@@ -17,11 +17,11 @@ import jax
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxpipe._arguments import positional_range
+from jaxpipe._core.signature import positional_range
 from jaxpipe.errors import PipelineError
 
 if TYPE_CHECKING:
-    from jaxpipe._stages import StageContext
+    from jaxpipe._core.stage import StageContext
 
 
 def is_spec(x: Any) -> bool:

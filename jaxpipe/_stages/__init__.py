@@ -1,0 +1,1 @@
+"""The built-in stages: JAX transforms, meshes, ``shard`` and ``data_parallel``."""

@@ -1,0 +1,1 @@
+"""Training: ``init``, evaluation, and ``fit`` as a loop over planned calls with its parts."""
