@@ -3,7 +3,6 @@ the Pipeline as a wrapper, and equal pipelines sharing their compiled step."""
 
 from __future__ import annotations
 
-import ast
 import inspect
 import pathlib
 import warnings
