@@ -27,10 +27,12 @@ from jaxpipe._tools.inspection import Timing as Timing
 from jaxpipe._tools.spec import SpecError as SpecError
 from jaxpipe._tools.summary import ParamSummary as ParamSummary
 from jaxpipe._tools.summary import param_summary as param_summary
+from jaxpipe._training.early_stopping import EarlyStopping as EarlyStopping
 from jaxpipe._training.evaluate import evaluate as evaluate
 from jaxpipe._training.fit import fit as fit
 from jaxpipe._training.history import History as History
 from jaxpipe._training.tensorboard import TensorBoard as TensorBoard
+from jaxpipe.errors import NonFiniteError as NonFiniteError
 from jaxpipe.errors import PipelineError as PipelineError
 from jaxpipe.errors import PluginError as PluginError
 from jaxpipe.errors import PluginWarning as PluginWarning
@@ -39,12 +41,14 @@ from jaxpipe.hookspecs import hookimpl as hookimpl
 
 __all__ = [
     "CompileEvents",
+    "EarlyStopping",
     "Cost",
     "FitRun",
     "History",
     "KeyReuseWarning",
     "KeyTree",
     "Memory",
+    "NonFiniteError",
     "ParamSummary",
     "Pipeline",
     "PipelineError",

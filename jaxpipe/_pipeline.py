@@ -345,12 +345,9 @@ class Pipeline:
                 return built(*args, **kwargs)
             return built(*args)  # no empty dict to merge: the common call, as close to jax.jit's as Python allows
         except Exception as err:
-            explained = diagnose.explain_error(self, err, args, kwargs)
-            if explained is not None:
-                raise explained from err
-            located = err.within(self) if isinstance(err, PipelineError) else err
+            located = diagnose.located(self, err, args, kwargs)
             if located is not err:
-                raise located from err  # a stage's own error, raised knowing only its name
+                raise located from err
             raise
 
     def _first_call(self) -> Callable[..., Any]:
@@ -432,7 +429,9 @@ class Pipeline:
         """
         return training_init.init(self, key, sample_batch, params=params, resume=resume)
 
-    def fit(self, state: Any, data: Any, *, epochs: int = 1, batch_size: int | None = None, **options: Any) -> Any:
+    def fit(
+        self, state: Any, data: Any, *, epochs: int | None = None, batch_size: int | None = None, **options: Any
+    ) -> Any:
         """Trains from ``state``; ``epochs`` is the run's total. See :func:`jaxpipe.fit`."""
         return training_fit.fit(self, state, data, epochs=epochs, batch_size=batch_size, **options)
 

@@ -104,3 +104,22 @@ class PluginError(PipelineError):
 
 class PluginWarning(UserWarning):
     """A plugin failed to load or its hook raised; it was skipped."""
+
+
+class NonFiniteError(PipelineError):
+    """A training step gave a metric (loss, grad norm, ...) that is NaN or infinite.
+
+    ``fit(..., on_nonfinite="raise")`` ends the run with it; nothing later than
+    the last finite state is kept or checkpointed.
+
+    Attributes:
+      state: the training state from before the non-finite step (or from
+        before the call that held it, for a pipeline ``fit`` calls as built),
+        to inspect or to train on from with a lower learning rate.
+      step: the non-finite step, counted from 1.
+    """
+
+    def __init__(self, message: str, *, state: Any, step: int, **where: Any) -> None:
+        self.state = state
+        self.step = step
+        super().__init__(message, **where)

@@ -271,6 +271,19 @@ def jaxpipe_fit_epoch_end(run: FitRun, state: TrainState, metrics: dict[str, Any
 
 
 @hookspec
+def jaxpipe_fit_evaluated(run: FitRun, state: TrainState, metrics: dict[str, float]) -> None:
+    """Called after each evaluation of ``eval_data`` (each epoch's end, or every ``eval_every`` steps).
+
+    Args:
+      run: the run; ``run.eval_history[-1]`` is this evaluation's row.
+      state: the state evaluated (donated to the next call: copy what you keep).
+      metrics: the eval metrics, named ``eval_<metric>`` (e.g. ``eval_loss``).
+
+    Call ``run.stop()`` to end training after this call (early stopping).
+    """
+
+
+@hookspec
 def jaxpipe_fit_end(run: FitRun, state: TrainState) -> None:
     """Called once when ``fit`` ends: finished, stopped or interrupted.
 

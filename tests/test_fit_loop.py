@@ -405,7 +405,9 @@ def test_ctrl_c_stops_after_the_current_call_with_several_steps_per_call(trainer
                 os.kill(os.getpid(), signal.SIGINT)
 
     calls = InterruptFirst()
-    stopped = trainer.fit(start(trainer, data), data, epochs=3, batch_size=BATCH, progress=False, hooks=[calls])
+    with pytest.raises(KeyboardInterrupt) as caught:  # Python's convention, once the call has ended and been saved
+        trainer.fit(start(trainer, data), data, epochs=3, batch_size=BATCH, progress=False, hooks=[calls])
+    stopped = caught.value.state
     assert calls.run.interrupted and int(stopped.step) == calls.ends[-1] == calls.ends[0] < 21
     np.testing.assert_array_equal(
         stopped.params["w"], host_order_fit(trainer, start(trainer, data), data, int(stopped.step)).params["w"]

@@ -59,7 +59,7 @@ def train(data, epochs=3, pipe=TRAINER, hooks=()):
 
 def test_other_data_passes_unchanged_and_grain_is_not_imported():
     code = (
-        "import sys, numpy as np; from jaxpipe._grain import as_batches, is_grain\n"
+        "import sys, numpy as np; from jaxpipe._training.grain import as_batches, is_grain\n"
         "data = {'x': np.zeros(3)}; batches = [data]\n"
         "assert as_batches(data) is data and as_batches(batches) is batches and not is_grain(batches)\n"
         "assert 'grain' not in sys.modules, 'grain imported'"

@@ -132,7 +132,9 @@ def test_keyboard_interrupt_in_a_plugin_hook_stops_fit_like_ctrl_c(install: Any,
             runs.append(run)
 
     with pytest.warns(PluginWarning, match="KeyboardInterrupt in jaxpipe_fit_step.*fit stops after this step"):
-        final = train(pipe, hooks=[Keep()])
+        with pytest.raises(KeyboardInterrupt) as caught:  # like Ctrl-C: raised again once the end hooks saved
+            train(pipe, hooks=[Keep()])
+    final = caught.value.state
     assert int(final.step) == 3 and runs[0].interrupted
     assert [p.name for p in (tmp_path / "ck").iterdir() if p.name.isdigit()] == ["3"]  # the end hooks saved
 

@@ -22,6 +22,7 @@ PUBLIC: dict[str, set[str]] = {
     "classes": {
         "CompileEvents",
         "Cost",
+        "EarlyStopping",
         "FitRun",
         "History",
         "KeyTree",
@@ -37,7 +38,15 @@ PUBLIC: dict[str, set[str]] = {
         "TrainLoss",
         "TrainState",
     },
-    "errors": {"KeyReuseWarning", "PipelineError", "PluginError", "PluginWarning", "SpecError", "UnknownStageError"},
+    "errors": {
+        "KeyReuseWarning",
+        "NonFiniteError",
+        "PipelineError",
+        "PluginError",
+        "PluginWarning",
+        "SpecError",
+        "UnknownStageError",
+    },
     "functions": {
         "disable_compilation_cache",
         "enable_compilation_cache",

@@ -221,10 +221,12 @@ def training(out: Path, quick: bool = False) -> float | None:
         epoch = start // per_epoch + 1
         print(f"resumed at step {start} of {steps}: training goes on from there (epoch {epoch} of {EPOCHS})")
     history = History()
-    state = trainer.fit(state, train, epochs=EPOCHS, batch_size=BATCH_SIZE, eval_data=test, hooks=[history])
-    if int(state.step) < steps:  # Ctrl-C: fit stopped after a step and the checkpoint stage saved it
+    try:
+        state = trainer.fit(state, train, epochs=EPOCHS, batch_size=BATCH_SIZE, eval_data=test, hooks=[history])
+    except KeyboardInterrupt as stopped:  # Ctrl-C: fit ended after a step, and the checkpoint stage saved it
         _save_history(out, history, start)
-        print(f"\ninterrupted at step {int(state.step)}; run again to resume")
+        step = int(stopped.state.step) if hasattr(stopped, "state") else "?"
+        print(f"\ninterrupted at step {step}; run again to resume")
         return None
     accuracy = evaluate(trainer, state, test)["accuracy"]
     print(f"test accuracy: {accuracy:.1%} on {len(test['label'])} held-out digits (goal: at least 95%)")

@@ -28,7 +28,15 @@ class FitRun:
         (epochs counted from 1), filled as ``fit`` reads metrics back.
       eval_history: one row per epoch with an eval set, ``{"step", "epoch", **eval metrics}``.
       interrupted: whether Ctrl-C, :meth:`stop` or a non-finite step ended the run early.
-      error: the exception that ended the run, if a step failed.
+      keyboard_interrupt: whether Ctrl-C (or a hook's ``KeyboardInterrupt``)
+        ended it: ``fit`` then re-raises ``KeyboardInterrupt`` once the end
+        hooks have saved, as Python code does; :meth:`stop` (the notebook's
+        Stop button) returns normally.
+      error: the exception that ended the run, if any.
+      error_in_step: whether ``error`` came from training itself (a failed
+        compiled call, or a non-finite step under ``on_nonfinite="raise"``), so
+        the state after it is not to be saved; False for an error raised by a
+        callback (a hook, a progress display), which costs no checkpoint.
       resume: whether a checkpoint may be restored (``fit(..., resume=False)`` starts over).
       data_state: for an iterator with ``get_state()``/``set_state()`` (Grain's),
         its JSON-able state right after the batches trained so far.
@@ -47,7 +55,9 @@ class FitRun:
     history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     eval_history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     interrupted: bool = False
+    keyboard_interrupt: bool = False
     error: BaseException | None = None
+    error_in_step: bool = False
     resume: bool = True
     data_state: Any = None
     resumed_data_state: Any = None
@@ -62,7 +72,7 @@ class FitRun:
         """Ctrl-C's rule: the first stops after the current call; a second, once a stop is asked, interrupts now."""
         if self.stop_requested:
             raise KeyboardInterrupt
-        self.interrupted = True
+        self.interrupted = self.keyboard_interrupt = True
         self.stop()
 
     @property

@@ -66,6 +66,11 @@ class TrainLoss(Protocol):
         ...
 
 
+def not_a_state(value: Any) -> str | None:
+    """Why ``value`` is not a :class:`TrainState` (for a hook's result), or None when it is one."""
+    return None if isinstance(value, TrainState) else f"a {type(value).__name__}, not a jaxpipe.TrainState"
+
+
 def loss_and_metrics(value: Any, name: str, stage_name: str) -> tuple[jax.Array, dict[str, Any]]:
     """``(loss, metrics)`` from what a loss returned: a scalar, or ``(scalar, dict of metrics)``.
 

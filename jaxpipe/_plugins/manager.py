@@ -22,13 +22,13 @@ import inspect
 import os
 import threading
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import pluggy
 
 from jaxpipe import hookspecs
-from jaxpipe.errors import PluginWarning
+from jaxpipe.errors import PipelineError, PluginWarning
 
 if TYPE_CHECKING:
     from jaxpipe._core.protocol import PipelineLike
@@ -229,3 +229,38 @@ def run_hooks(pipe: PipelineLike, extra: Sequence[object] = ()) -> Iterator[Any]
         with _lock:
             for owned in registered:
                 pm.unregister(owned)
+
+
+def first_result(caller: Any, accept: Callable[[Any], str | None], **kwargs: Any) -> Any:
+    """The first non-None result of a ``firstresult`` hook that ``accept`` takes (it returns why not, else None).
+
+    An installed plugin's result of the wrong kind is its bug, not the user's:
+    one PluginWarning, that hook off for the rest of the run, and the next
+    implementation asked instead. A run's own object (a stage's hooks, or
+    ``fit(hooks=...)``) gets a PipelineError naming it.
+    """
+    impls = caller.get_hookimpls()
+    if any(impl.wrapper or impl.hookwrapper for impl in impls):  # a wrapper sees the call as a whole
+        result = caller(**kwargs)
+        problem = None if result is None else accept(result)
+        if problem is not None:
+            raise PipelineError(f"`{caller.name}` returned {problem}.")
+        return result
+    run = _current_run.get()
+    for impl in reversed(impls):  # pluggy's call order
+        result = impl.function(*[kwargs[name] for name in impl.argnames])
+        problem = None if result is None else accept(result)
+        if problem is None:
+            if result is not None:
+                return result
+            continue
+        if isinstance(impl.plugin, _RunOwned):
+            raise PipelineError(
+                f"`{caller.name}` of {impl.plugin.obj!r} returned {problem}.\n"
+                f"Return the documented kind (see `help(jaxpipe.hookspecs.{caller.name})`), "
+                f"or None to leave it to others."
+            )
+        if run is not None:
+            run.disabled.add((impl.plugin_name, caller.name))
+        warn_plugin(impl.plugin_name, f"returned {problem} from {caller.name}", TypeError(problem), "it was ignored")
+    return None

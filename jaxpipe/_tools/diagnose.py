@@ -28,6 +28,19 @@ _VMAP = (BUILTIN_STAGES["vmap"],)
 _ARG_NAME = re.compile(r"depends on the value of the argument (\w+)")
 
 
+def located(pipe: PipelineLike, err: Exception, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Exception:
+    """``err`` as ``pipe`` reports it: JAX's error explained as advice, a stage's own error placed at its stage.
+
+    The one place every caller (a pipeline's call, its inspection, ``fit``'s
+    compiled calls) turns an error into what the user sees; ``err`` itself
+    when there is nothing to add. Raise the result ``from err``.
+    """
+    explained = explain_error(pipe, err, args, kwargs)
+    if explained is not None:
+        return explained
+    return err.within(pipe) if isinstance(err, PipelineError) else err
+
+
 def explain_error(
     pipe: PipelineLike, err: Exception, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Exception | None:

@@ -30,10 +30,10 @@ def _explained(pipe: PipelineLike, args: tuple[Any, ...], kwargs: dict[str, Any]
     try:
         return run()
     except Exception as err:
-        explained = _diagnose.explain_error(pipe, err, args, kwargs)
-        if explained is None:
+        located = _diagnose.located(pipe, err, args, kwargs)
+        if located is err:
             raise
-        raise explained from err
+        raise located from err
 
 
 def _lowerable(fn: Callable[..., Any]) -> Any:

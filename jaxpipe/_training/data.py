@@ -68,6 +68,68 @@ def check_data(data: Any) -> None:
         )
 
 
+def check_not_examples(data: Any) -> None:
+    """Refuses a list of single examples given as batches (each would be a step of batch size 1).
+
+    Every value of a batch has a leading batch axis; an item with a scalar
+    value (a label, say) is one example.
+    """
+    if isinstance(data, (list, tuple)) and data:
+        leaves = jax.tree.leaves(data[0])
+        if leaves and any(np.ndim(x) == 0 for x in leaves):
+            raise PipelineError(
+                f"`data` is a {type(data).__name__} of {len(data)} items holding scalars: single "
+                f"examples, not batches (a batch has a leading axis in every value), so each step would train "
+                f"on one example.\n"
+                f"Pass batch_size to batch them, e.g. trainer.fit(state, records, batch_size=32)."
+            )
+
+
+class Collated:
+    """An iterable of examples read as batches of ``batch_size`` stacked examples.
+
+    The last partial batch of a pass is dropped, as for a dict of arrays. An
+    iterator with ``get_state``/``set_state`` (Grain's) keeps them, with the
+    state right after each batch's last example, so a run resumes exactly.
+    """
+
+    def __init__(self, examples: Iterable[Any], batch_size: int) -> None:
+        self.examples, self.batch_size = examples, batch_size
+
+    def __iter__(self) -> Iterator[Any]:
+        return _CollatedIterator(iter(self.examples), self.batch_size)
+
+
+class SizedCollated(Collated):
+    def __len__(self) -> int:
+        return len(self.examples) // self.batch_size  # type: ignore[arg-type]
+
+
+def collated(examples: Iterable[Any], batch_size: int) -> Collated:
+    """Batches of ``batch_size`` from an iterable of examples (with a length when the examples have one)."""
+    return (SizedCollated if hasattr(examples, "__len__") else Collated)(examples, batch_size)
+
+
+class _CollatedIterator:
+    def __init__(self, examples: Iterator[Any], batch_size: int) -> None:
+        self.examples, self.batch_size = examples, batch_size
+        if _resumable(examples):  # the position after a batch is the position after its last example
+            self.get_state = examples.get_state  # type: ignore[attr-defined]
+            self.set_state = examples.set_state  # type: ignore[attr-defined]
+
+    def __iter__(self) -> _CollatedIterator:
+        return self
+
+    def __next__(self) -> Any:
+        group = []
+        for _ in range(self.batch_size):
+            example = next(self.examples, _END)
+            if example is _END:
+                raise StopIteration
+            group.append(example)
+        return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *group)
+
+
 def batch_signature(data: Any) -> Any:
     """Hashable shapes and dtypes of a dict of arrays (per example), or the type of an iterable."""
     if isinstance(data, Mapping):
@@ -253,9 +315,11 @@ def _resumable(iterator: Any) -> bool:
 
 
 def encode_state(value: Any) -> Any:
-    """An iterator state as JSON-able data: bytes decoded to str (inside dicts and lists too)."""
+    """An iterator state as JSON-able data: bytes decoded to str, NumPy scalars and arrays as Python values."""
     if isinstance(value, bytes):
         return value.decode()
+    if isinstance(value, (np.generic, np.ndarray)):  # hand-written iterators often count with NumPy ints
+        return encode_state(value.tolist())
     if isinstance(value, Mapping):
         return {str(k): encode_state(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -12,7 +12,8 @@ import numpy as np
 from jaxpipe._core.fold import fold
 from jaxpipe._core.protocol import PipelineLike
 from jaxpipe._core.stage import Stage, StageContext
-from jaxpipe._core.state import TrainState
+from jaxpipe._core.state import TrainLoss, TrainState
+from jaxpipe._training import grain
 from jaxpipe._training.data import check_arrays
 from jaxpipe.errors import PipelineError
 
@@ -33,25 +34,93 @@ def evaluator(pipe: PipelineLike) -> Callable[[TrainState, Any], dict[str, Any]]
         return stage.apply(fn)
 
     fold(pipe, note, pipe.fn, lambda stage, err: f"making the evaluation step of `.{stage.name}()` failed: {err}")
+    if found is None:
+        found = _loss_evaluator(pipe.fn)
     return jax.jit(found) if found is not None else None
 
 
+def _loss_evaluator(fn: Any) -> Callable[[TrainState, Any], dict[str, Any]] | None:
+    """How a hand-written :class:`~jaxpipe.TrainLoss` evaluates: its ``evaluate`` method, else its eval-mode loss."""
+    own = getattr(fn, "evaluate", None)
+    if callable(own):
+        return lambda state, batch: dict(own(state.params, batch, state.model_state))
+    if isinstance(fn, TrainLoss):
+        return lambda state, batch: {"loss": fn(state.params, batch, state.model_state)}
+    return None
+
+
 def evaluate(
-    pipe: PipelineLike, state: TrainState, data: Mapping[str, Any], batch_size: int | None = None
+    pipe: PipelineLike, state: TrainState, data: Any, batch_size: int | None = None, *, params: Any = None
 ) -> dict[str, float]:
-    """Metrics of ``state`` on a dict-of-arrays data set, averaged over examples."""
+    """Metrics of ``state`` on held-out data, averaged over examples.
+
+    Args:
+      pipe: the trainer (its last stage that can evaluate, e.g. ``.model``;
+        or a hand-written :class:`~jaxpipe.TrainLoss`, by its ``evaluate``
+        method or else its evaluation-mode loss).
+      state: the state to evaluate.
+      data: a dict of arrays, an iterable of batches (a list, a Grain
+        dataset), or a function returning one.
+      batch_size: examples per call for a dict of arrays; None: all at once.
+      params: parameters to evaluate instead of ``state.params`` (e.g. an EMA).
+    """
+    check_arguments(pipe, state, data, batch_size)
     step = evaluator(pipe)
     if step is None:
         raise PipelineError(
-            "this pipeline has no stage that can evaluate (a `.model(...)` stage does).",
+            "this pipeline has no stage that can evaluate (a `.model(...)` stage does, and so does a loss "
+            "with an `evaluate(params, batch, model_state) -> metrics` method).",
             pipeline=repr(pipe),
         )
-    size = check_arrays(data, "eval data", argument="eval_data")
-    batch_size = min(batch_size or size, size)
+    if params is not None:
+        state = state.replace(params=params)
     totals: dict[str, float] = {}
-    for start in range(0, size, batch_size):
-        batch = {key: np.asarray(value)[start : start + batch_size] for key, value in data.items()}
-        count = next(iter(batch.values())).shape[0]
+    size = 0
+    for batch in _batches(data, batch_size):
+        count = int(np.shape(jax.tree.leaves(batch)[0])[0])
         for name, value in jax.device_get(step(state, batch)).items():
             totals[name] = totals.get(name, 0.0) + float(value) * count
+        size += count
+    if size == 0:
+        raise PipelineError("`eval_data` gave no batches; give at least one.", pipeline=repr(pipe))
     return {name: total / size for name, total in totals.items()}
+
+
+def _batches(data: Any, batch_size: int | None) -> Iterator[Any]:
+    if isinstance(data, Mapping):
+        size = check_arrays(data, "eval data", argument="eval_data")
+        step = min(batch_size or size, size)
+        for start in range(0, size, step):
+            yield {key: np.asarray(value)[start : start + step] for key, value in data.items()}
+        return
+    source = data() if callable(data) and not isinstance(data, Iterable) else data
+    yield from grain.as_batches(source)
+
+
+def check_arguments(pipe: PipelineLike, state: Any, data: Any, batch_size: Any) -> None:
+    """Each bad argument of ``evaluate`` named, with what was given and a correct call."""
+    where: dict[str, Any] = {"pipeline": repr(pipe)}
+    if not isinstance(state, TrainState):
+        raise PipelineError(
+            f"`evaluate` needs the TrainState to evaluate, got {type(state).__name__}.\n"
+            f"For example jaxpipe.evaluate(trainer, state, {{'image': x_test, 'label': y_test}}).",
+            **where,
+        )
+    if batch_size is not None and not (
+        isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size >= 1
+    ):
+        raise PipelineError(
+            f"`batch_size` must be a positive int or None, got {batch_size!r}.\nFor example batch_size=256.", **where
+        )
+    if data is None or isinstance(data, (str, bytes)) or not (isinstance(data, (Mapping, Iterable)) or callable(data)):
+        raise PipelineError(
+            f"`data` must be a dict of arrays, an iterable of batches or a function returning one, "
+            f"got {type(data).__name__}.\nFor example jaxpipe.evaluate(trainer, state, {{'image': x, 'label': y}}).",
+            **where,
+        )
+    if isinstance(data, (list, tuple)) and data and all(hasattr(x, "shape") for x in data):
+        raise PipelineError(
+            f"`data` is a {type(data).__name__} of {len(data)} arrays; `evaluate` reads a list as batches.\n"
+            f"Put the arrays in a dict, named as the loss reads them: {{'image': X, 'label': Y}}.",
+            **where,
+        )

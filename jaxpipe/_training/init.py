@@ -16,8 +16,8 @@ import jax.numpy as jnp
 from jaxpipe._core.fold import fold
 from jaxpipe._core.protocol import PipelineLike
 from jaxpipe._core.stage import Stage, StageContext
-from jaxpipe._core.state import TrainState, split_init_key
-from jaxpipe._plugins.manager import run_hooks
+from jaxpipe._core.state import TrainState, not_a_state, split_init_key
+from jaxpipe._plugins.manager import first_result, run_hooks
 from jaxpipe.errors import PipelineError
 
 
@@ -84,7 +84,7 @@ def init(pipe: PipelineLike, key: jax.Array, sample_batch: Any, params: Any = No
         pipe, add_share, state, lambda stage, err: f"initialising `.{stage.name}()` failed: {type(err).__name__}: {err}"
     )
     with run_hooks(pipe) as hook:
-        restored = hook.jaxpipe_init_state(pipeline=pipe, state=state) if resume else None
+        restored = first_result(hook.jaxpipe_init_state, not_a_state, pipeline=pipe, state=state) if resume else None
         state = state if restored is None else restored
-        placed = hook.jaxpipe_place_state(pipeline=pipe, state=state)
+        placed = first_result(hook.jaxpipe_place_state, not_a_state, pipeline=pipe, state=state)
     return state if placed is None else placed

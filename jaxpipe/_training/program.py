@@ -23,33 +23,41 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-if TYPE_CHECKING:
-    from jaxpipe._core.protocol import PipelineLike
+from jaxpipe._core.fold import fold, rejected
+from jaxpipe._core.protocol import PipelineLike
+from jaxpipe._core.stage import Stage, StageContext
 
 
 def _probe(*args: Any) -> Any:  # a function to see whether a stage leaves its input alone
     return args
 
 
+# ``.jit()`` options that change neither how the step is called nor where it runs: ``fit`` compiles
+# its own program with them. Any other (shardings, donation, static arguments, a device or backend)
+# makes ``fit`` call the pipeline as built, one call per ``.scan(k)`` group or step.
+PASSED_JIT_OPTIONS = frozenset({"keep_unused", "inline", "compiler_options"})
+
+
 @functools.lru_cache(maxsize=32)  # one wrapped step per pipeline, as the compiled program is
 def step_function(pipe: PipelineLike) -> Callable[..., Any] | None:
     """The pipeline's one training step, not jitted: all stages but ``.scan`` and ``.jit``.
 
-    None when ``fit`` should call the pipeline as built: no plain ``.jit()``
-    (an eager pipeline, or a jit with its own shardings or donation), or a
-    stage after ``.jit()`` that changes the function.
+    None when ``fit`` should call the pipeline as built: no ``.jit()`` (an
+    eager pipeline), a jit with options beyond :data:`PASSED_JIT_OPTIONS`
+    (its own shardings or donation), or a stage after ``.jit()`` that changes
+    the function.
     """
     compiling = [i for i, stage in enumerate(pipe.stages) if stage.kind.compiles]
     if len(compiling) != 1:
         return None
     at = compiling[0]
     jit = pipe.stages[at]
-    if jit.kind.distributes or jit.options:  # pmap, or a jit with its own shardings or donation
+    if jit.kind.distributes or not set(jit.options) <= PASSED_JIT_OPTIONS:
         return None
     for stage in pipe.stages[at + 1 :]:
         try:
@@ -57,11 +65,21 @@ def step_function(pipe: PipelineLike) -> Callable[..., Any] | None:
                 return None
         except Exception:
             return None
-    fn = pipe.fn
-    for stage in pipe.stages[:at]:
-        if stage.kind.steps_per_call is None:  # fit runs the steps of a call itself
-            fn = stage.apply(fn)
-    return fn
+    seen = 0
+
+    def apply(fn: Callable[..., Any], stage: Stage, ctx: StageContext) -> Callable[..., Any]:
+        nonlocal seen
+        seen += 1
+        if seen > at or stage.kind.steps_per_call is not None:  # fit runs the steps of a call itself
+            return fn
+        return stage.apply(fn)
+
+    return fold(pipe, apply, pipe.fn, rejected)
+
+
+def jit_options(pipe: PipelineLike) -> dict[str, Any]:
+    """The pipeline's own ``.jit()`` options that ``fit``'s program keeps (see :data:`PASSED_JIT_OPTIONS`)."""
+    return next((dict(stage.options) for stage in pipe.stages if stage.kind.compiles), {})
 
 
 # --- raw keys ------------------------------------------------------------------------
@@ -117,12 +135,22 @@ class Program:
 
 
 def _row(metrics: dict[str, Any], names: list[str]) -> tuple[jax.Array, jax.Array]:
-    """The step's metrics as one float vector (first element of non-scalars), and whether all are finite."""
+    """The step's metrics as one float vector, and whether all are finite.
+
+    A non-scalar metric is shown by its first element, or NaN when any of its
+    elements is not finite: the guard sees a NaN anywhere in it.
+    """
     if not names:
         names.extend(sorted(metrics))
-    values = [jnp.ravel(jnp.asarray(metrics[name]))[0] for name in names]
+    values = []
+    for name in names:
+        metric = jnp.asarray(metrics[name])
+        first = jnp.ravel(metric)[0]
+        if metric.ndim and jnp.issubdtype(metric.dtype, jnp.inexact):
+            first = jnp.where(jnp.isfinite(metric).all(), first, jnp.nan)
+        values.append(first)
     floats = [v for v in values if jnp.issubdtype(v.dtype, jnp.inexact)]
-    finite = jnp.all(jnp.stack([jnp.isfinite(v).all() for v in floats])) if floats else jnp.bool_(True)
+    finite = jnp.all(jnp.stack([jnp.isfinite(v) for v in floats])) if floats else jnp.bool_(True)
     dtype = jnp.result_type(jnp.float32, *[v.dtype for v in floats]) if floats else jnp.float32
     row = jnp.stack([v.astype(dtype) for v in values]) if values else jnp.zeros((0,), dtype)
     return row, finite
@@ -139,6 +167,7 @@ def program(
     capacity: int,
     guard: bool,
     static: bool = False,
+    single: bool = False,
 ) -> Program:
     """The jitted ``(state, ok, n, source...) -> (state, ok, metrics)`` for ``pipe``.
 
@@ -147,8 +176,11 @@ def program(
     ``static``: exactly ``capacity`` steps in a ``jax.lax.scan`` (``n`` unused),
     for the full calls: a loop whose length XLA knows needs no host round trip
     per step on a GPU, and no guard (``fit`` replays a call that went
-    non-finite). Otherwise a ``while_loop`` of ``n <= capacity`` steps (first
-    calls, remainders, replays), which with ``guard`` stops at a non-finite step.
+    non-finite). ``single``: one step at the program's top level, no loop
+    (``n`` unused): the plain jitted step, for calls of one step (XLA:CPU runs
+    some steps, convolutions above all, far slower inside a loop). Otherwise a
+    ``while_loop`` of ``n <= capacity`` steps (remainders, replays), which with
+    ``guard`` stops at a non-finite step.
     """
     step = step_function(pipe)
     assert step is not None
@@ -173,6 +205,14 @@ def program(
 
             def batch_at(state: Any, i: jax.Array) -> Any:
                 return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, keepdims=False), batches)
+
+        if single:
+            new, row, finite = one_step(state, batch_at(state, jnp.int32(0)))
+            if guard:  # a non-finite step, or one queued behind it, changes nothing
+                keep = ok & finite
+                new = jax.lax.cond(keep, lambda: new, lambda: state)  # a cond: see the while_loop's body
+                ok = keep
+            return new, ok, row[None]
 
         if static:
 
@@ -208,7 +248,7 @@ def program(
         _, ok, state, rows = jax.lax.while_loop(cond, body, (jnp.int32(0), ok, state, rows))
         return state, ok, rows
 
-    return Program(jax.jit(run, donate_argnums=(0,)), names)
+    return Program(jax.jit(run, donate_argnums=(0,), **jit_options(pipe)), names)
 
 
 @functools.lru_cache(maxsize=8)
