@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from jaxpipe import StageContext, StageKind, Training, hookimpl
+from jaxpipe_orbax import _directory
 from jaxpipe_orbax._checkpointer import Checkpointer as Checkpointer
 from jaxpipe_orbax._checkpointer import CheckpointWarning as CheckpointWarning
 
@@ -50,6 +51,12 @@ def _check(ctx: StageContext, options: dict[str, Any]) -> None:
         )
     if os.path.isfile(directory):
         raise ValueError(f"`directory` {os.fspath(directory)!r} is a file; give a directory for the checkpoints.")
+    why_not = _directory.unusable(os.path.abspath(os.fspath(directory)))
+    if why_not:
+        raise ValueError(
+            f"`directory` {os.fspath(directory)!r} {why_not}, so no checkpoint can be written there.\n"
+            f"Give a folder path, e.g. .checkpoint('runs/digits')."
+        )
     # Resolved once, here: a later os.chdir must not move a run's checkpoints. (The stage keeps the bound
     # options it was checked with; a declared "normalise options" step on StageKind would say this better.)
     options["directory"] = os.path.abspath(os.fspath(directory))

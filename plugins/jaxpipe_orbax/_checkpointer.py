@@ -15,11 +15,13 @@ off): see ``_directory.py`` for who may change what.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
 import itertools
 import os
 import warnings
-from typing import IO, Any
+from typing import IO, Any, NoReturn
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +29,7 @@ import numpy as np
 
 from jaxpipe import PipelineError, hookimpl
 from jaxpipe_orbax import _directory
+from jaxpipe_orbax._data_state import NotJSONError, as_json
 from jaxpipe_orbax._layout import differences, layout
 
 _barriers = itertools.count()  # Orbax's process barriers need names never used before in this process
@@ -58,7 +61,11 @@ class Checkpointer:
         self._start_over = False  # fit(..., resume=False)
         self._warned_nonfinite = False
         self._saved_step = 0  # the newest step saved or resumed in this run
+        self._in_flight: int | None = None  # the step Orbax may still be writing
+        self._failed = False  # a save failed (and said so): nothing more is saved in this run
+        self._kept: set[int] = set()  # old steps kept because they hold someone's files (warned once each)
         self._description: dict[str, str] = {}
+        self._pipeline: Any = None  # the pipeline saving, for the errors of its asynchronous writes
 
     # --- hooks ------------------------------------------------------------------
 
@@ -99,11 +106,18 @@ class Checkpointer:
     def jaxpipe_fit_resume(self, run: Any, state: Any) -> Any:
         """``fit``: the newest complete checkpoint, if it is newer than ``state``."""
         try:
+            restored = None
             if not getattr(run, "resume", True):
                 self._start_over = True  # the earlier run's steps are moved aside before the first save
                 self._survey(run.pipeline, state, check_layout=False)  # refuse a foreign directory now
-                return None
-            return self._restore(run.pipeline, state, newer_than=int(state.step), run=run)
+            else:
+                restored = self._restore(run.pipeline, state, newer_than=int(state.step), run=run)
+            step = int((state if restored is None else restored).step)
+            if run.total_steps is None or step < run.total_steps:  # this run will save: say now if it cannot
+                problem = _directory.not_writable(self.directory)
+                if problem is not None:
+                    raise self._unwritable(run.pipeline, problem)
+            return restored
         except BaseException:
             self._close()
             raise
@@ -123,9 +137,14 @@ class Checkpointer:
 
     @hookimpl
     def jaxpipe_fit_end(self, run: Any, state: Any) -> None:
-        """Saves the final or interrupted state (not after a failed step), then waits for the writes."""
+        """Saves the final or interrupted state, then always waits for the writes in flight.
+
+        Not after a failed step (``run.error_in_step``): its state may be wrong.
+        After an error in user code (a hook, a display) the state is good and is saved.
+        """
+        good = run.error is None or not getattr(run, "error_in_step", True)
         try:
-            if run.error is None and run.step != self._saved_step:
+            if good and not self._failed and run.step != self._saved_step:
                 self._save(run.pipeline, state, run)
         finally:
             self._close()
@@ -152,7 +171,11 @@ class Checkpointer:
         found = self._survey(pipeline, state, check_layout=not self._start_over)
         self._layout = layout(state)
         if multihost.is_primary_host(0):
-            _directory.create(self.directory)
+            try:  # before Orbax starts: its failed saves leave threads that keep the process from exiting
+                _directory.create(self.directory)
+                _directory.probe(self.directory)
+            except OSError as err:
+                raise self._unwritable(pipeline, err) from err
             self._lock = _directory.writer_lock(self.directory)
             if found is not None:
                 self._tidy(found)
@@ -173,7 +196,8 @@ class Checkpointer:
                 _directory.remove(os.path.join(self.directory, name))
         if self._lock is not None:
             for name in found.leftovers:  # old steps whose deletion a stopped writer did not finish
-                _directory.remove(os.path.join(self.directory, name))
+                if not _directory.foreign_in_step(os.path.join(self.directory, name)):
+                    _directory.remove(os.path.join(self.directory, name))
         damaged = {**found.reasons, **self._damaged}
         for step in sorted(damaged):
             if step in found.steps:
@@ -200,9 +224,19 @@ class Checkpointer:
         own = sorted(step for step, meta in found.steps.items() if meta and meta.get("layout") == self._layout)
         for step in own[: -self.keep]:
             try:
-                _directory.remove_step(self.directory, step)
+                kept = _directory.remove_step(self.directory, step)
             except OSError as err:  # e.g. replaced by a link meanwhile: left alone
                 warnings.warn(f"could not remove old checkpoint step {step}: {err}", CheckpointWarning, stacklevel=2)
+                continue
+            if kept and step not in self._kept:
+                self._kept.add(step)
+                warnings.warn(
+                    f"old checkpoint step {step} in {self.directory} is kept: it holds things jaxpipe did not write "
+                    f"({', '.join(kept)}), and jaxpipe deletes nothing of yours. Move them out of "
+                    f"{os.path.join(self.directory, str(step))} and a later save removes the step.",
+                    CheckpointWarning,
+                    stacklevel=2,
+                )
 
     # --- saving -------------------------------------------------------------------
 
@@ -219,8 +253,23 @@ class Checkpointer:
 
     def _drop_manager(self) -> None:
         manager, self._manager = self._manager, None
-        if manager is not None:
-            manager.close()  # waits for the asynchronous writes to finish
+        if manager is None:
+            return
+        try:
+            self._wait(manager)
+        except BaseException:
+            with contextlib.suppress(Exception):  # the failed save is what is raised
+                manager.close()
+            raise
+        manager.close()
+
+    def _wait(self, manager: Any) -> None:
+        """Waits for the save in flight; a failed one is removed and raised as a PipelineError when known."""
+        try:
+            manager.wait_until_finished()
+        except Exception as err:
+            self._raise_failed(err)
+        self._in_flight = None
 
     def _close(self) -> None:
         try:
@@ -238,12 +287,14 @@ class Checkpointer:
         import orbax.checkpoint as ocp
 
         step = int(state.step) if run is None else run.step  # fit counts steps without waiting for the device
+        self._pipeline = pipeline
+        data_state = self._data_state(pipeline, run)  # before anything is written
         if not self._finite(state, step):
             return False
         if not self._claimed:
             self._claim(pipeline, state)
         manager = self._open()
-        manager.wait_until_finished()  # the previous save is complete: now older steps may go
+        self._wait(manager)  # the previous save is complete: now older steps may go
         self._retain()
         if step in manager.all_steps():
             return False
@@ -260,14 +311,76 @@ class Checkpointer:
         }
         meta["checksum"] = _directory.checksum(meta)
         items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
-        data_state = getattr(run, "data_state", None)
         if data_state is not None:  # the data iterator's position, for fit to set on resume
             items["data"] = ocp.args.JsonSave({"state": data_state})
         # Orbax copies the arrays to host memory before save() returns and writes them from there, so a
         # later step that donates these arrays cannot change what is written.
-        manager.save(step, args=ocp.args.Composite(**items), force=True)  # this class decides when to save
+        self._in_flight = step
+        try:
+            manager.save(step, args=ocp.args.Composite(**items), force=True)  # this class decides when to save
+        except Exception as err:
+            self._raise_failed(err)
         self._saved_step = step
         return True
+
+    def _data_state(self, pipeline: Any, run: Any) -> Any:
+        """``run.data_state`` as JSON (NumPy numbers as Python ones), or a PipelineError saying what is not."""
+        try:
+            return as_json(getattr(run, "data_state", None))
+        except NotJSONError as err:
+            self._failed = True
+            raise self._error(
+                pipeline,
+                f"the data iterator's state (its get_state()) cannot be saved in a checkpoint: it holds a "
+                f"{err}, and a checkpoint keeps the iterator's state as JSON.\nMake get_state() return plain "
+                f"data (dicts, lists, str, int, float, bool, None; NumPy numbers and arrays are converted), "
+                f"e.g. return {{'index': self.index, 'seed': self.seed}}.",
+            ) from err
+
+    def _raise_failed(self, err: Exception) -> NoReturn:
+        """After a failed save: removes its unfinished folder, raises (a PipelineError for a full or read-only disk)."""
+        self._failed = True
+        step, self._in_flight = self._in_flight, None
+        if step is not None and jax.process_index() == 0:  # the primary host made its folder
+            with contextlib.suppress(OSError):
+                for name in _listing(self.directory):
+                    if name.startswith(f"{step}{_directory.UNFINISHED}"):
+                        _directory.remove(os.path.join(self.directory, name))
+                if os.path.isdir(os.path.join(self.directory, str(step))):  # failed after Orbax's rename
+                    _directory.set_aside(self.directory, step)
+        kept = sorted(int(name) for name in _listing(self.directory) if name.isdigit())
+        intact = (
+            f"the checkpoints before it (steps {', '.join(map(str, kept))}) are intact"
+            if kept
+            else "no earlier checkpoint was saved"
+        )
+        if _caused_by(err, errno.ENOSPC, "No space left on device"):
+            message = (
+                f"the disk holding {self.directory} is full (No space left on device): the checkpoint of step "
+                f"{step} could not be written and its unfinished folder was removed; {intact}.\n"
+                f"Free some space (or give the checkpoints a directory on a larger disk, e.g. "
+                f".checkpoint('/scratch/runs/digits'), or keep fewer, e.g. keep=2), then resume with fit."
+            )
+        elif _caused_by(err, errno.EROFS, "Read-only file system"):
+            message = (
+                f"{self.directory} became read-only while the checkpoint of step {step} was written; {intact}.\n"
+                f"Remount it read-write, or give the checkpoints a writable directory, then resume with fit."
+            )
+        else:
+            raise err
+        raise self._error(self._pipeline, message) from err
+
+    def _unwritable(self, pipeline: Any, err: OSError) -> PipelineError:
+        """The error for a directory where nothing can be written, found before anything was."""
+        self._failed = True
+        why = "is on a read-only file system" if err.errno == errno.EROFS else "cannot be written by this user"
+        return self._error(
+            pipeline,
+            f"the checkpoint directory {self.directory} {why} ({err}), so this run could not save its "
+            f"checkpoints; nothing was written there.\nRemount it read-write (or fix its permissions), or "
+            f"give the checkpoints a writable directory, e.g. .checkpoint('/scratch/runs/digits'). Reading the "
+            f"checkpoints there needs no writing: trainer.init(...) and trainer.restore(state) restore them.",
+        )
 
     def _finite(self, state: Any, step: int) -> bool:
         """Whether every floating leaf of ``state`` is finite; warns (once per run) when not."""
@@ -416,6 +529,23 @@ def _next_position(step: int, per_epoch: int | None) -> dict[str, int] | None:
         return None
     epoch, batch = divmod(step, per_epoch)
     return {"epoch": epoch + 1, "batch": batch + 1, "of": per_epoch}
+
+
+def _caused_by(err: BaseException | None, code: int, text: str) -> bool:
+    """Whether ``err`` or an error it came from is the OS error ``code`` (TensorStore's say it in words)."""
+    seen = 0
+    while err is not None and seen < 20:
+        if getattr(err, "errno", None) == code or text in str(err):
+            return True
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return False
+
+
+def _listing(directory: str) -> list[str]:
+    try:
+        return os.listdir(directory)
+    except OSError:
+        return []
 
 
 def _reason(err: Exception) -> str:

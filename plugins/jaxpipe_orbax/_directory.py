@@ -19,20 +19,26 @@ Who changes what:
   there, so whoever left those saves has stopped. Without the lock it leaves
   them alone (Orbax replaces a step's unfinished save when it saves that step).
 - Retention deletes only complete step folders of the run's own training state
-  (same leaves, shapes and dtypes), never a link and never through one. It
-  renames a step to ``<step>.deleting`` first, so a reader sees it go at once.
+  (same leaves, shapes and dtypes), never a link and never through one, and
+  never a step holding anything Orbax and jaxpipe did not write (a user's notes
+  put into it): that step is kept. It renames a step to ``<step>.deleting``
+  first, so a reader sees it go at once, and looks inside after the rename.
+- A step folder missing one of its parts (``meta/``, ``state/``, Orbax's
+  metadata) and holding nothing else is a damaged step, not someone else's.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import itertools
 import json
 import os
 import re
 import shutil
+import tempfile
 from collections.abc import Iterable
 from typing import IO, Any
 
@@ -41,6 +47,17 @@ UNFINISHED = ".orbax-checkpoint-tmp"  # Orbax's suffix for a step still being wr
 DELETING = ".deleting"  # a step retention is removing: renamed first, so readers see it go at once
 _SET_ASIDE = re.compile(r"\d+\.damaged(-\d+)?|earlier-run-\d+")  # jaxpipe's own, never deleted
 _STEP_ITEMS = ("state", "meta")  # the Orbax items every jaxpipe step has
+_REQUIRED = ("_CHECKPOINT_METADATA", "state", "meta")  # what a complete step folder holds
+# What Orbax and jaxpipe write in a step folder, and at the top of its items: anything else is someone else's.
+_WRITTEN = {
+    "": re.compile(r"_CHECKPOINT_METADATA|commit_success\.txt|state|meta|data"),
+    "meta": re.compile(r"metadata|commit_success\.txt"),
+    "data": re.compile(r"metadata|commit_success\.txt"),
+    "state": re.compile(
+        r"_METADATA|_CHECKPOINT_METADATA|_sharding|commit_success\.txt|manifest\.ocdbt|d|"
+        r"array_metadatas|ocdbt\.process_\d+|descriptor"
+    ),
+}
 _SHOWN = 12
 
 
@@ -56,6 +73,9 @@ class Survey:
       unfinished: names of unfinished saves.
       leftovers: names of steps whose deletion was cut short.
       foreign: one line per entry jaxpipe did not write.
+
+    A step folder missing ``meta/``, ``state/`` or Orbax's metadata, and
+    holding nothing else, is a damaged step (in ``steps`` as None), not foreign.
     """
 
     marked: bool = False
@@ -100,7 +120,11 @@ def _sort(found: Survey, entry: os.DirEntry[str]) -> None:
             found.foreign.append(f"{name} (a file)")
     elif name.isdigit():
         why_not = _not_a_step(entry.path)
-        if why_not:
+        missing = [item for item in _REQUIRED if not os.path.lexists(os.path.join(entry.path, item))]
+        if why_not and missing and os.listdir(entry.path) and not foreign_in_step(entry.path):  # e.g. no meta/
+            found.steps[int(name)] = None
+            found.reasons[int(name)] = f"its folder has no {', '.join(missing)}"
+        elif why_not:
             found.foreign.append(f"{name}/ ({why_not})")
         else:
             meta, reason = _read_meta(entry.path)
@@ -138,6 +162,20 @@ def _not_a_step(path: str) -> str:
     if any(os.path.islink(os.path.join(path, item)) for item in items) or not set(_STEP_ITEMS) <= set(items):
         return f"an Orbax checkpoint that jaxpipe did not write, with items {items}"
     return ""
+
+
+def foreign_in_step(path: str) -> list[str]:
+    """What a step folder holds that neither Orbax nor jaxpipe wrote (links included), e.g. ``['NOTES.txt']``."""
+    found = []
+    for item, written in _WRITTEN.items():
+        folder = os.path.join(path, item) if item else path
+        if item and (os.path.islink(folder) or not os.path.isdir(folder)):
+            continue  # absent (or a link, listed as foreign one level up)
+        for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+            own = written.fullmatch(entry.name) and not entry.is_symlink()
+            if not own or (not item and entry.name in _WRITTEN and not entry.is_dir(follow_symlinks=False)):
+                found.append(os.path.join(item, entry.name) + ("/" if entry.is_dir(follow_symlinks=False) else ""))
+    return found
 
 
 def _read_meta(path: str) -> tuple[dict[str, Any] | None, str]:
@@ -179,6 +217,54 @@ def _free(paths: Iterable[str]) -> str:
         if not os.path.lexists(path):
             break
     return path
+
+
+def unusable(path: str) -> str:
+    """Why the absolute ``path`` can never be a checkpoint directory, or ''. Reads only (the stage's check)."""
+    if "\0" in path:
+        return "contains a NUL character ('\\x00'), which no file system allows in a path"
+    existing = _nearest_existing(path)
+    if existing != path and not os.path.isdir(existing):
+        return f"is inside {existing}, which is a file, not a folder"
+    name_max = _pathconf(existing, "PC_NAME_MAX", 255)
+    for part in path.split(os.sep):
+        if len(os.fsencode(part)) > name_max:
+            return (
+                f"has a name of {len(os.fsencode(part))} bytes ({part[:24]}...), longer than the {name_max} bytes "
+                f"this file system allows for one file or folder name"
+            )
+    path_max = _pathconf(existing, "PC_PATH_MAX", 4096)
+    if len(os.fsencode(path)) >= path_max:
+        return f"is {len(os.fsencode(path))} bytes long; this file system allows paths shorter than {path_max}"
+    return ""
+
+
+def not_writable(directory: str) -> OSError | None:
+    """Why nothing can be written in ``directory`` (or in its nearest existing parent), or None. Writes nothing."""
+    existing = _nearest_existing(directory)
+    if os.access(existing, os.W_OK | os.X_OK):
+        return None
+    code = errno.EROFS if os.statvfs(existing).f_flag & os.ST_RDONLY else errno.EACCES
+    return OSError(code, os.strerror(code), existing)
+
+
+def probe(directory: str) -> None:
+    """Writes and removes a nameless file in ``directory``; raises the OSError where nothing can be written."""
+    with tempfile.TemporaryFile(dir=directory):  # O_TMPFILE on Linux: no name appears in the directory
+        pass
+
+
+def _nearest_existing(path: str) -> str:
+    while not os.path.lexists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path
+
+
+def _pathconf(path: str, name: str, default: int) -> int:
+    try:
+        return os.pathconf(path, name)
+    except (OSError, ValueError, AttributeError):  # not reported here (or Windows)
+        return default
 
 
 def create(directory: str) -> None:
@@ -224,15 +310,25 @@ def remove(path: str) -> None:
     shutil.rmtree(path)
 
 
-def remove_step(directory: str, step: int) -> None:
-    """Deletes step folder ``step``: renamed first, so a reader sees the whole step go at once."""
+def remove_step(directory: str, step: int) -> list[str]:
+    """Deletes step folder ``step`` unless it holds anything jaxpipe did not write; returns those things.
+
+    Renamed first, so a reader sees the whole step go at once, and checked
+    after the rename, so nothing put into it meanwhile is deleted.
+    """
     path = os.path.join(directory, str(step))
     if os.path.islink(path) or not os.path.isdir(path):
-        return
+        return []
     doomed = path + DELETING
-    remove(doomed)  # left by a deletion cut short
-    os.rename(path, doomed)
-    remove(doomed)
+    if os.path.isdir(doomed) and not os.path.islink(doomed) and not foreign_in_step(doomed):
+        remove(doomed)  # left by a deletion cut short
+    os.rename(path, doomed)  # fails while a leftover holding someone's files is there: the step stays
+    foreign = foreign_in_step(doomed)
+    if foreign:
+        os.rename(doomed, path)  # someone's files: the step stays
+    else:
+        remove(doomed)
+    return foreign
 
 
 def set_aside(directory: str, step: int) -> str:
