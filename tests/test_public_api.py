@@ -39,6 +39,7 @@ PUBLIC: dict[str, set[str]] = {
     },
     "errors": {"KeyReuseWarning", "PipelineError", "PluginError", "PluginWarning", "SpecError", "UnknownStageError"},
     "functions": {
+        "clear_caches",
         "disable_compilation_cache",
         "enable_compilation_cache",
         "evaluate",
