@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -104,7 +105,8 @@ def _check_function(ctx: StageContext, jax_name: str) -> None:
             f"Pass the function: Pipeline(MyClass.{getattr(fn.__func__, '__name__', 'method')}), "
             f"not the class's __dict__ entry."
         )
-    if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
+    plain = type(fn) in (types.FunctionType, types.MethodType, functools.partial)  # type(): no __class__ read
+    if plain and (inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn)):
         raise TypeError(
             f"`{jax_name}` needs a function that returns arrays, but `{ctx.fn_name}` is a generator "
             f"function (it uses `yield`).\nReturn the values instead, e.g. `return jnp.stack(values)`."
