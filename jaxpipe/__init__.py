@@ -5,6 +5,7 @@
 'jax.jit(jax.grad(abs))'
 """
 
+from jaxpipe._core.caches import clear_caches as clear_caches
 from jaxpipe._core.run import FitRun as FitRun
 from jaxpipe._core.stage import Stage as Stage
 from jaxpipe._core.stage import StageContext as StageContext
@@ -64,6 +65,7 @@ __all__ = [
     "TrainState",
     "Training",
     "UnknownStageError",
+    "clear_caches",
     "disable_compilation_cache",
     "enable_compilation_cache",
     "evaluate",

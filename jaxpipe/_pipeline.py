@@ -18,7 +18,7 @@ from jaxpipe._stages.builtins import BUILTIN_STAGES
 from jaxpipe._tools import diagnose, inspection, spec
 from jaxpipe._training import fit as training_fit
 from jaxpipe._training import init as training_init
-from jaxpipe.errors import PipelineError
+from jaxpipe.errors import PipelineError, PipelineTypeError, error_type
 
 
 class Pipeline:
@@ -45,7 +45,7 @@ class Pipeline:
     ``__signature__``.
     """
 
-    __slots__ = ("_fn", "_name", "_stages", "_built", "_call")
+    __slots__ = ("_fn", "_name", "_stages", "_built", "_call", "__weakref__")
     _fn: Callable[..., Any]
     _name: str | None
     _stages: tuple[Stage, ...]
@@ -53,14 +53,14 @@ class Pipeline:
     _call: Callable[..., Any] | None  # what __call__ runs: the build, once the first call has been checked
 
     def __init__(self, fn: Callable[..., Any], name: str | None = None) -> None:
-        if not callable(fn):
-            raise PipelineError(
+        if not callable(fn):  # a TypeError too, as jax.jit(3) raises
+            raise PipelineTypeError(
                 f"`Pipeline` needs a function to transform, got {type(fn).__name__} {fn!r}.\n"
                 f"Pass the function itself, e.g. Pipeline(loss), not Pipeline(loss(params, x))."
             )
         stages: tuple[Stage, ...] = ()
-        if isinstance(fn, Pipeline):  # Pipeline(pipe) continues from pipe's stages
-            source: Pipeline = fn
+        if issubclass(type(fn), Pipeline):  # Pipeline(pipe) continues from pipe's stages (type(): no __class__ read)
+            source: Pipeline = fn  # type: ignore[assignment]  # narrowed by the line above
             fn, name, stages = source._fn, source._name if name is None else name, source._stages
         _fill(self, fn, name, stages)
 
@@ -71,7 +71,7 @@ class Pipeline:
         arguments. The name given to ``Pipeline``, if any, is kept.
         """
         if not callable(fn):
-            raise PipelineError(f"`with_fn` needs a function, got {type(fn).__name__} {fn!r}.", pipeline=repr(self))
+            raise PipelineTypeError(f"`with_fn` needs a function, got {type(fn).__name__} {fn!r}.", pipeline=repr(self))
         return _new(fn, self._name, self._stages)
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -165,22 +165,32 @@ class Pipeline:
         try:
             bound = kind.bind(args, options)
         except TypeError as err:
-            raise self._stage_error(kind, args, options, _bad_options(kind, options, err)) from err
+            raise self._stage_error(kind, args, options, _bad_options(kind, options, err), err) from err
         if kind.check is not None:
             try:
                 kind.check(fold.context(self._fn, self._stages), bound)
             except (TypeError, ValueError) as err:
-                raise self._stage_error(kind, (), bound, str(err)) from err
+                raise self._stage_error(kind, (), bound, str(err), err) from err
         return _new(self._fn, self._name, (*self._stages, Stage(kind, bound)))
 
     def _stage_error(
-        self, kind: StageKind, args: tuple[Any, ...], options: Mapping[str, Any], message: str
+        self,
+        kind: StageKind,
+        args: tuple[Any, ...],
+        options: Mapping[str, Any],
+        message: str,
+        cause: Exception | None = None,
     ) -> PipelineError:
-        """The error for a stage that cannot be added, shown as the call that was tried."""
+        """The error for a stage that cannot be added, shown as the call that was tried.
+
+        Also of ``cause``'s builtin kind (a TypeError where JAX raises one), so
+        ``except TypeError`` written against JAX catches it.
+        """
         defaults = kind.signature.parameters
         shown = {k: v for k, v in options.items() if not (k in defaults and same_value(v, defaults[k].default))}
         call = ", ".join([*map(format_value, args), *([format_options(shown)] if shown else [])])
-        return PipelineError(message).at(len(self._stages) + 1, kind.name, f"{self!r}.{kind.name}({call})")
+        kind_of_error = PipelineError if cause is None else error_type(cause)
+        return kind_of_error(message).at(len(self._stages) + 1, kind.name, f"{self!r}.{kind.name}({call})")
 
     def __getattr__(self, name: str) -> Callable[..., Pipeline]:
         """Plugin stages appear as methods: ``Pipeline(f).clip_grads(1.0)``."""

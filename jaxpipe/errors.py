@@ -83,6 +83,48 @@ def _located(message: str, stage: int | None, stage_name: str | None, pipeline: 
     return f"{' '.join(where)}:\n{message}" if where else message
 
 
+class PipelineTypeError(PipelineError, TypeError):
+    """A :class:`PipelineError` for a mistake that JAX reports as a ``TypeError``.
+
+    Also a ``TypeError`` (and, as every PipelineError, a ``ValueError``), so
+    ``except TypeError`` written against JAX keeps working:
+    ``Pipeline(3).jit()`` raises it where ``jax.jit(3)`` raises ``TypeError``,
+    as do an ``in_axes`` of the wrong type, a generator function or a
+    ``staticmethod`` object given to a transform, and an unknown option.
+
+    Examples:
+      Failing::
+
+          Pipeline(loss).vmap(in_axes="batch")   # jax.vmap: TypeError
+
+      fixed::
+
+          Pipeline(loss).vmap(in_axes=(None, 0))
+    """
+
+
+class PipelineIndexError(PipelineError, IndexError):
+    """A :class:`PipelineError` for a mistake that JAX reports as an ``IndexError``.
+
+    E.g. a traced slice bound (``x[:n]`` under ``jit``); also an ``IndexError``.
+    """
+
+
+def error_type(cause: BaseException | type[BaseException]) -> type[PipelineError]:
+    """The PipelineError class to raise for ``cause``: one that is also ``cause``'s builtin kind.
+
+    An error that explains or replaces a ``TypeError`` (JAX's, or a check's)
+    is a :class:`PipelineTypeError`, so code that catches what JAX raises
+    still catches it; a ``ValueError`` or anything else a plain PipelineError.
+    """
+    kind = cause if isinstance(cause, type) else type(cause)
+    if issubclass(kind, TypeError):
+        return PipelineTypeError
+    if issubclass(kind, IndexError):
+        return PipelineIndexError
+    return PipelineError
+
+
 class UnknownStageError(PipelineError, AttributeError):
     """A stage name that no built-in and no loaded plugin provides.
 

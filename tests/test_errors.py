@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import traceback
+import weakref
 from typing import Any
 
 import jax
@@ -10,7 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jaxpipe
 from jaxpipe import Pipeline, PipelineError, UnknownStageError
+from jaxpipe.errors import PipelineIndexError, PipelineTypeError
 
 pytestmark = pytest.mark.usefixtures("example_plugin_only")
 
@@ -257,3 +261,221 @@ def test_a_failed_call_leaves_the_pipeline_working() -> None:
     with pytest.raises(TypeError, match="incompatible shapes"):  # nothing to add: JAX's error as is
         pipe(jnp.ones(4), XS)
     np.testing.assert_array_equal(pipe(W, XS), jax.jit(jax.vmap(jax.grad(loss), in_axes=(None, 0)))(W, XS))
+
+
+# --- JAX's own error types: `except TypeError` written against JAX keeps working ----------
+
+
+def _generator(w: jax.Array, x: jax.Array) -> Any:
+    yield w * x
+
+
+class _Holder:
+    @staticmethod
+    def method(w: jax.Array, x: jax.Array) -> jax.Array:
+        return loss(w, x)
+
+
+_STATIC = _Holder.__dict__["method"]  # the staticmethod object itself
+
+
+def _head(x: jax.Array, n: int) -> jax.Array:
+    return x[:n]
+
+
+def _zero_first(x: jax.Array) -> jax.Array:
+    x[0] = 0.0
+    return x
+
+
+def _relu_or_not(x: jax.Array, flag: jax.Array) -> jax.Array:
+    return jnp.maximum(x, 0) if flag else x
+
+
+SAME_MISTAKE = {  # ours, then the same mistake written with JAX
+    "not callable": (lambda: Pipeline(3), lambda: jax.jit(3)),
+    "generator under jit": (lambda: Pipeline(_generator).jit(), lambda: jax.jit(_generator)),
+    "generator under grad": (lambda: Pipeline(_generator).grad(), lambda: jax.grad(_generator)),
+    "staticmethod under vmap": (lambda: Pipeline(_STATIC).vmap(), lambda: jax.vmap(_STATIC)),
+    "staticmethod under hessian": (lambda: Pipeline(_STATIC).hessian(), lambda: jax.hessian(_STATIC)),
+    "in_axes a str": (lambda: Pipeline(loss).vmap(in_axes="x"), lambda: jax.vmap(loss, in_axes="x")),
+    "in_axes a dict": (lambda: Pipeline(loss).vmap(in_axes={"w": 0}), lambda: jax.vmap(loss, in_axes={"w": 0})),
+    "in_axes entry": (lambda: Pipeline(loss).vmap(in_axes=(None, "b")), lambda: jax.vmap(loss, in_axes=(None, "b"))),
+    "out_axes a bool": (lambda: Pipeline(loss).vmap(out_axes=True), lambda: jax.vmap(loss, out_axes=True)),
+    "pmap in_axes entry": (
+        lambda: Pipeline(loss).pmap(in_axes=(None, 1.5)),
+        lambda: jax.pmap(loss, in_axes=(None, 1.5)),
+    ),
+    "in_axes too long": (
+        lambda: Pipeline(loss).vmap(in_axes=(0, 0, 0))(X, X),
+        lambda: jax.vmap(loss, in_axes=(0, 0, 0))(X, X),
+    ),
+    "grad argnums beyond": (lambda: Pipeline(loss).grad(argnums=5), lambda: jax.grad(loss, argnums=5)(W, X)),
+    "value_and_grad argnums beyond": (
+        lambda: Pipeline(loss).value_and_grad(argnums=5),
+        lambda: jax.value_and_grad(loss, argnums=5)(W, X),
+    ),
+    "jacfwd argnums beyond": (lambda: Pipeline(loss).jacfwd(argnums=5), lambda: jax.jacfwd(loss, argnums=5)(W, X)),
+    "grad argnums a str": (lambda: Pipeline(loss).grad(argnums="w"), lambda: jax.grad(loss, argnums="w")),
+    "static_argnums beyond": (
+        lambda: Pipeline(loss).jit(static_argnums=5),
+        lambda: jax.jit(loss, static_argnums=5),
+    ),
+    "static_argnames not str": (
+        lambda: Pipeline(loss).jit(static_argnames=(1,)),
+        lambda: jax.jit(loss, static_argnames=(1,)),
+    ),
+    "static_argnames unknown": (
+        lambda: Pipeline(loss).jit(static_argnames="steps"),
+        lambda: jax.jit(loss, static_argnames="steps"),
+    ),
+    "unknown option": (lambda: Pipeline(loss).jit(statc_argnums=1), lambda: jax.jit(loss, statc_argnums=1)),
+    "grad of a vector": (lambda: Pipeline(elementwise).grad()(W, X), lambda: jax.grad(elementwise)(W, X)),
+    "if on a tracer": (
+        lambda: Pipeline(_relu_or_not).jit()(X, True),
+        lambda: jax.jit(_relu_or_not)(X, True),
+    ),
+    "traced slice bound": (lambda: Pipeline(_head).jit()(X, 2), lambda: jax.jit(_head)(X, 2)),
+    "in-place assignment": (lambda: Pipeline(_zero_first).jit()(X), lambda: jax.jit(_zero_first)(X)),
+    "vmap sizes differ": (
+        lambda: Pipeline(loss).vmap()(jnp.ones((5, 3)), XS),
+        lambda: jax.vmap(loss)(jnp.ones((5, 3)), XS),
+    ),
+}
+
+
+@pytest.mark.parametrize("mistake", list(SAME_MISTAKE))
+def test_pipeline_errors_are_of_the_builtin_type_jax_raises(mistake: str) -> None:
+    ours, theirs = SAME_MISTAKE[mistake]
+    with pytest.raises(Exception) as jax_raised:
+        theirs()
+    err = raised(ours)
+    for builtin in (TypeError, ValueError, IndexError):
+        if isinstance(jax_raised.value, builtin):
+            assert isinstance(err, builtin), (builtin, type(err).__mro__, jax_raised.value)
+    if isinstance(jax_raised.value, TypeError):  # caught as JAX's own would be
+        with pytest.raises(TypeError):
+            ours()
+
+
+def test_the_error_types_keep_their_class_when_placed() -> None:
+    err = PipelineTypeError("bad", stage_name="vmap")
+    pipe = Pipeline(loss).grad().vmap()
+    located = err.within(pipe)
+    assert type(located) is PipelineTypeError and (located.stage, located.stage_name) == (2, "vmap")
+    assert type(err.at(1, "grad", pipe)) is PipelineTypeError
+    assert issubclass(PipelineTypeError, TypeError) and issubclass(PipelineTypeError, PipelineError)
+    assert issubclass(PipelineIndexError, IndexError) and issubclass(PipelineIndexError, PipelineError)
+    added = raised(lambda: Pipeline(loss).grad().vmap(in_axes="x"))
+    assert type(added) is PipelineTypeError and (added.stage, added.stage_name) == (2, "vmap")
+    assert "`in_axes` must be an int, None, or a tuple" in str(added)
+    assert "`jax.jit` needs a function that returns arrays, but `_generator` is a generator" in str(
+        raised(lambda: Pipeline(_generator).jit())
+    )
+
+
+# --- add-time checks accept whatever JAX accepts -----------------------------------------
+
+
+@jax.tree_util.register_pytree_node_class
+class Pair:
+    """A pytree node of two leaves (an in_axes prefix for an argument of this type)."""
+
+    def __init__(self, a: Any, b: Any) -> None:
+        self.a, self.b = a, b
+
+    def tree_flatten(self) -> tuple[tuple[Any, Any], None]:
+        return (self.a, self.b), None
+
+    @classmethod
+    def tree_unflatten(cls, aux: None, children: Any) -> Pair:
+        del aux  # no static part
+        return cls(*children)
+
+
+def pair_loss(w: jax.Array, pair: Any) -> jax.Array:
+    if isinstance(pair, dict):
+        return jnp.sum(w * pair["a"] + pair["b"])
+    return jnp.sum(w * pair.a + pair.b)
+
+
+@pytest.mark.parametrize(
+    "in_axes, pair",
+    [
+        ((None, Pair(0, 1)), Pair(jnp.ones((4, 3)), jnp.ones((3, 4)))),
+        ((None, Pair(-2, -1)), Pair(jnp.ones((4, 3)), jnp.ones((3, 4)))),
+        ([None, {"a": 0, "b": None}], {"a": jnp.ones((4, 3)), "b": jnp.ones(3)}),
+        ((None, {"a": -2, "b": 1}), {"a": jnp.ones((4, 3)), "b": jnp.ones((3, 4))}),
+    ],
+)
+def test_in_axes_that_jax_accepts_are_accepted(in_axes: Any, pair: Any) -> None:
+    ours = Pipeline(pair_loss).grad().vmap(in_axes=in_axes, out_axes=-1)(W, pair)
+    theirs = jax.vmap(jax.grad(pair_loss), in_axes=in_axes, out_axes=-1)(W, pair)
+    np.testing.assert_array_equal(ours, theirs)
+
+
+def test_options_jax_accepts_but_checks_used_to_refuse() -> None:
+    # keyword arguments are mapped over axis 0: a shorter in_axes is fine for jax.vmap
+    np.testing.assert_array_equal(
+        Pipeline(loss).vmap(in_axes=(None,))(W, x=XS), jax.vmap(loss, in_axes=(None,))(W, x=XS)
+    )
+    # argument numbers as JAX reads them (operator.index, any iterable), names from any iterable
+    for argnums in (np.int64(1), range(2), [0, 1]):
+        np.testing.assert_array_equal(
+            jax.tree.leaves(Pipeline(loss).grad(argnums=argnums)(W, X)),
+            jax.tree.leaves(jax.grad(loss, argnums=argnums)(W, X)),
+        )
+    assert Pipeline(loss).jit(static_argnames={"x"}).stages[0].options["static_argnames"] == {"x"}
+
+
+# --- a pipeline holds its function no more strongly than jax.jit ------------------------------
+
+
+def _dies_after_use(make: Any) -> bool:
+    def fresh(w: jax.Array, x: jax.Array) -> jax.Array:
+        return jnp.sum((w * x) ** 2)
+
+    ref = weakref.ref(fresh)
+    built = make(fresh)
+    built(W, X)
+    del fresh, built
+    gc.collect()
+    return ref() is None
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda f: Pipeline(f).jit(),
+        lambda f: Pipeline(f).grad().jit(),
+        lambda f: Pipeline(f).grad(argnums=(0, 1)).jit(static_argnums=()),
+        lambda f: Pipeline(f).value_and_grad().remat(),
+    ],
+)
+def test_a_pipeline_lets_its_function_go_as_jax_jit_does(make: Any) -> None:
+    assert _dies_after_use(jax.jit)  # JAX's own behaviour, the reference
+    assert _dies_after_use(make)
+
+
+def test_a_bound_method_cycle_is_collected() -> None:
+    class Model:
+        def __init__(self) -> None:
+            self.step = Pipeline(self.loss).grad().jit()  # model -> pipeline -> bound method -> model
+
+        def loss(self, w: jax.Array, x: jax.Array) -> jax.Array:
+            return jnp.sum((w * x) ** 2)
+
+    model = Model()
+    model.step(W, X)
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None
+
+
+def test_equal_pipelines_share_a_build_while_one_lives_and_clear_caches_forgets_it() -> None:
+    first = Pipeline(loss).grad().jit()
+    assert Pipeline(loss).grad().jit().build() is first.build()
+    jaxpipe.clear_caches()
+    assert Pipeline(loss).grad().jit().build() is not first.build()
+    np.testing.assert_array_equal(first(W, X), jax.jit(jax.grad(loss))(W, X))

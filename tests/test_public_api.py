@@ -48,6 +48,7 @@ PUBLIC: dict[str, set[str]] = {
         "UnknownStageError",
     },
     "functions": {
+        "clear_caches",
         "disable_compilation_cache",
         "enable_compilation_cache",
         "evaluate",

@@ -417,3 +417,66 @@ def test_to_spec_refuses_a_value_it_cannot_name():
         Pipeline(lambda w: w).grad().to_spec()
     with pytest.raises(PipelineError, match="cannot write option `policy` of stage `remat`"):
         Pipeline(loss).remat(policy=jax.checkpoint_policies.dots_saveable).to_spec()
+
+
+# --- reading names statically: no __class__ property, no metaclass __getattribute__ ---------
+
+
+class Recording(type):
+    """A metaclass whose `__getattribute__` records each read of a class attribute."""
+
+    calls: list[str] = []
+
+    def __getattribute__(cls, name):
+        Recording.calls.append(f"metaclass __getattribute__({name})")
+        return super().__getattribute__(name)
+
+
+class Disguised(metaclass=Recording):
+    """Its `__class__` is a property (read by `isinstance` when the real type does not match)."""
+
+    @property
+    def __class__(self):
+        Recording.calls.append("__class__")
+        return Model
+
+    def __call__(self, w, x):
+        return loss(w, x)
+
+    def method(self, w, x):
+        return loss(w, x)
+
+    helper = staticmethod(loss)
+
+
+DISGUISED = {"disguised": Disguised(), "Disguised": Disguised, "loss": loss}
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("disguised.method", lambda: DISGUISED["disguised"].method),
+        ("disguised.helper", lambda: loss),
+        ("disguised", lambda: DISGUISED["disguised"]),
+    ],
+)
+def test_resolving_a_name_reads_no_class_property_and_no_metaclass_lookup(text, expected):
+    Recording.calls.clear()
+    assert _spec.value(text, DISGUISED) == expected()
+    pipe = Pipeline.from_spec(text, DISGUISED)
+    assert pipe.fn == expected() and pipe.stages == ()
+    assert Recording.calls == []
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("disguised.missing", "has no attribute `missing` (no `__getattr__` is called)"),
+        ("Disguised.helper", "Recording customises attribute lookup"),
+    ],
+)
+def test_names_behind_a_disguise_are_refused_without_running_it(text, expected):
+    Recording.calls.clear()
+    with pytest.raises(SpecError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+        Pipeline.from_spec(text, DISGUISED)
+    assert Recording.calls == []

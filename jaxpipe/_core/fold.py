@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from jaxpipe._core.signature import signature_of
 from jaxpipe._core.stage import Stage, StageContext
-from jaxpipe.errors import PipelineError
+from jaxpipe.errors import PipelineError, error_type
 
 if TYPE_CHECKING:
     from jaxpipe._core.protocol import PipelineLike
@@ -36,7 +36,8 @@ def fold(
 
     A stage's own :class:`~jaxpipe.PipelineError` is placed at that stage
     (:meth:`~jaxpipe.PipelineError.at`); any other exception becomes one whose
-    message is ``failed(stage, err)``, with the original chained.
+    message is ``failed(stage, err)``, of the same builtin kind
+    (:func:`~jaxpipe.errors.error_type`), with the original chained.
     """
     __tracebackhide__ = True
     acc = initial
@@ -49,7 +50,7 @@ def fold(
                 raise
             raise err.at(number, stage, pipe) from err
         except Exception as err:
-            raise PipelineError(failed(stage, err)).at(number, stage, pipe) from err
+            raise error_type(err)(failed(stage, err)).at(number, stage, pipe) from err  # a TypeError stays one
     return acc
 
 

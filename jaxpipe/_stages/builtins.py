@@ -7,12 +7,14 @@ options are exactly that function's keyword arguments.
 from __future__ import annotations
 
 import functools
+import inspect
+import types
 from collections.abc import Callable
 from typing import Any
 
 import jax
 
-from jaxpipe._core.signature import check_argnames, check_argnums, positional_range
+from jaxpipe._core.signature import TypeAndValueError, check_argnames, check_argnums, positional_range
 from jaxpipe._core.stage import StageContext, StageKind, Training
 from jaxpipe._stages import data_parallel as _data_parallel
 from jaxpipe._stages import shard as _shard
@@ -20,35 +22,69 @@ from jaxpipe._stages import shard as _shard
 # --- checks of the built-in stages ---------------------------------------------
 
 
-def _check_axes_leaves(value: Any, key: str) -> None:
-    flat = value if isinstance(value, tuple) else (value,)
-    if all(x is None or type(x) is int for x in flat):  # the usual 0 or (None, 0): no tree walk
+def _probe(*args: Any, **kwargs: Any) -> None:
+    """A stand-in function: ``jax.vmap``/``jax.pmap`` check their axes when called, before any tracing."""
+    del args, kwargs  # never called
+
+
+def _jax_rejects(transform: Callable[..., Any], **axes: Any) -> TypeError | ValueError | None:
+    """The error ``transform(_probe, **axes)`` raises, or None: JAX itself decides what it accepts.
+
+    So custom pytree nodes, negative axes and spec types registered with JAX's
+    vmappable protocol pass exactly where they pass ``jax.vmap``.
+    """
+    try:
+        transform(_probe, **axes)
+    except (TypeError, ValueError) as err:
+        return err
+    return None
+
+
+def _plain_axes(value: Any) -> bool:
+    """The usual ``0`` or ``(None, 0)``: accepted without asking JAX."""
+    flat = value if type(value) is tuple else (value,)
+    return all(x is None or type(x) is int for x in flat)
+
+
+def _check_axes(transform: Callable[..., Any], options: dict[str, Any]) -> None:
+    in_axes, out_axes = options.get("in_axes", 0), options.get("out_axes", 0)
+    if _plain_axes(in_axes) and _plain_axes(out_axes):
         return
-    leaves = jax.tree.leaves(value, is_leaf=lambda x: x is None)
-    bad = [x for x in leaves if x is not None and (not isinstance(x, int) or isinstance(x, bool))]
-    if bad:
+    for key, value in (("in_axes", in_axes), ("out_axes", out_axes)):
+        err = _jax_rejects(transform, **{key: value})
+        if err is None:
+            continue
+        bad = _bad_leaf(transform, key, value)
+        if bad is not None:
+            raise TypeError(
+                f"`{key}` entries must be ints or None, got {bad!r} in {key}={value!r}.\n"
+                f"Give an axis number to map over, or None for an argument that is not mapped."
+            ) from err
         raise TypeError(
-            f"`{key}` entries must be ints or None, got {bad[0]!r} in {key}={value!r}.\n"
-            f"Give an axis number to map over, or None for an argument that is not mapped."
-        )
-
-
-def _check_in_axes(ctx: StageContext, options: dict[str, Any]) -> None:
-    in_axes = options.get("in_axes", 0)
-    if not (in_axes is None or isinstance(in_axes, (int, tuple, list))) or isinstance(in_axes, bool):
-        raise TypeError(
-            f"`in_axes` must be an int, None, or a tuple with one entry per positional "
-            f"argument, got {type(in_axes).__name__} {in_axes!r}.\n"
+            f"`{key}` must be an int, None, or a tuple with one entry per positional "
+            f"argument, got {type(value).__name__} {value!r}.\n"
             f"For example in_axes=0 maps every argument over axis 0; in_axes=(None, 0) "
             f"maps only the second."
-        )
-    _check_axes_leaves(in_axes, "in_axes")
-    _check_axes_leaves(options.get("out_axes", 0), "out_axes")
+        ) from err
+
+
+def _bad_leaf(transform: Callable[..., Any], key: str, value: Any) -> Any:
+    """The first leaf of ``value`` that JAX refuses as an axis, or None when the container is the fault."""
+    if type(value) is not tuple and type(value) is not list:
+        return None
+    for leaf in jax.tree.leaves(value):
+        if _jax_rejects(transform, **{key: (leaf,)}) is not None:
+            return leaf
+    return None
+
+
+def _check_arity(ctx: StageContext, in_axes: Any, *, too_few: bool) -> None:
+    """A tuple ``in_axes`` longer than the positional arguments (or, with ``too_few``, shorter)."""
     bounds = positional_range(ctx.signature)
     if not isinstance(in_axes, (tuple, list)) or bounds is None:
         return
     required, maximum = bounds
-    if len(in_axes) < required or (maximum is not None and len(in_axes) > maximum):
+    if (too_few and len(in_axes) < required) or (maximum is not None and len(in_axes) > maximum):
         takes = f"{required}" if required == maximum else f"{required} to {maximum}"
         example = tuple(list(in_axes[:required]) + [0] * (required - len(in_axes)))
         raise ValueError(
@@ -58,7 +94,35 @@ def _check_in_axes(ctx: StageContext, options: dict[str, Any]) -> None:
         )
 
 
+def _check_function(ctx: StageContext, jax_name: str) -> None:
+    """What ``jax.jit``, ``jax.grad``, ``jax.vmap`` ... refuse as the function (a TypeError there too)."""
+    if ctx.stages:  # the stages before turned it into a JAX function
+        return
+    fn = ctx.fn
+    if type(fn) is staticmethod:
+        raise TypeError(
+            f"`{jax_name}` does not take a staticmethod object, got {fn!r}.\n"
+            f"Pass the function: Pipeline(MyClass.{getattr(fn.__func__, '__name__', 'method')}), "
+            f"not the class's __dict__ entry."
+        )
+    plain = type(fn) in (types.FunctionType, types.MethodType, functools.partial)  # type(): no __class__ read
+    if plain and (inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn)):
+        raise TypeError(
+            f"`{jax_name}` needs a function that returns arrays, but `{ctx.fn_name}` is a generator "
+            f"function (it uses `yield`).\nReturn the values instead, e.g. `return jnp.stack(values)`."
+        )
+
+
+def _check_vmap(ctx: StageContext, options: dict[str, Any]) -> None:
+    _check_function(ctx, "jax.vmap")
+    _check_axes(jax.vmap, options)
+    # Arguments may also be passed by keyword (jax.vmap maps those over axis 0), so only
+    # more entries than positional arguments is certainly wrong; JAX checks the rest per call.
+    _check_arity(ctx, options.get("in_axes", 0), too_few=False)
+
+
 def _check_jit(ctx: StageContext, options: dict[str, Any]) -> None:
+    _check_function(ctx, "jax.jit")
     for key in ("static_argnums", "donate_argnums"):
         if key in options:
             check_argnums(ctx, options, key)
@@ -68,12 +132,25 @@ def _check_jit(ctx: StageContext, options: dict[str, Any]) -> None:
     _shard.check_jit_shardings(ctx, options)
 
 
-def _check_diff(ctx: StageContext, options: dict[str, Any]) -> None:
-    check_argnums(ctx, options, "argnums")
+def _check_diff(jax_name: str) -> Callable[[StageContext, dict[str, Any]], None]:
+    """The check of a differentiation stage: its function, and ``argnums`` within its arguments.
+
+    ``jax.grad`` and ``jax.value_and_grad`` report an ``argnums`` beyond the
+    arguments as a TypeError, ``jax.hessian``/``jacfwd``/``jacrev`` as a ValueError.
+    """
+    grad_like = jax_name in ("jax.grad", "jax.value_and_grad")
+
+    def check(ctx: StageContext, options: dict[str, Any]) -> None:
+        _check_function(ctx, jax_name)
+        check_argnums(ctx, options, "argnums", out_of_range=TypeAndValueError if grad_like else ValueError)
+
+    return check
 
 
 def _check_pmap(ctx: StageContext, options: dict[str, Any]) -> None:
-    _check_in_axes(ctx, options)
+    _check_function(ctx, "jax.pmap")
+    _check_axes(jax.pmap, options)
+    _check_arity(ctx, options.get("in_axes", 0), too_few=True)
     for key in ("static_broadcasted_argnums", "donate_argnums"):
         if key in options:
             check_argnums(ctx, options, key)
@@ -168,18 +245,22 @@ BUILTIN_STAGES: dict[str, StageKind] = {
             compiles=True,
             doc="Compiles with XLA (`jax.jit`).",
         ),
-        _builtin("grad", jax.grad, "jax.grad", _check_diff, doc="Gradient (`jax.grad`)."),
+        _builtin("grad", jax.grad, "jax.grad", _check_diff("jax.grad"), doc="Gradient (`jax.grad`)."),
         _builtin(
             "value_and_grad",
             jax.value_and_grad,
             "jax.value_and_grad",
-            _check_diff,
+            _check_diff("jax.value_and_grad"),
             doc="Value and gradient in one pass (`jax.value_and_grad`).",
         ),
-        _builtin("hessian", jax.hessian, "jax.hessian", _check_diff, doc="Hessian (`jax.hessian`)."),
-        _builtin("jacfwd", jax.jacfwd, "jax.jacfwd", _check_diff, doc="Forward-mode Jacobian (`jax.jacfwd`)."),
-        _builtin("jacrev", jax.jacrev, "jax.jacrev", _check_diff, doc="Reverse-mode Jacobian (`jax.jacrev`)."),
-        _builtin("vmap", jax.vmap, "jax.vmap", _check_in_axes, doc="Vectorizes over a batch axis (`jax.vmap`)."),
+        _builtin("hessian", jax.hessian, "jax.hessian", _check_diff("jax.hessian"), doc="Hessian (`jax.hessian`)."),
+        _builtin(
+            "jacfwd", jax.jacfwd, "jax.jacfwd", _check_diff("jax.jacfwd"), doc="Forward-mode Jacobian (`jax.jacfwd`)."
+        ),
+        _builtin(
+            "jacrev", jax.jacrev, "jax.jacrev", _check_diff("jax.jacrev"), doc="Reverse-mode Jacobian (`jax.jacrev`)."
+        ),
+        _builtin("vmap", jax.vmap, "jax.vmap", _check_vmap, doc="Vectorizes over a batch axis (`jax.vmap`)."),
         _builtin(
             "pmap",
             jax.pmap,

@@ -18,7 +18,7 @@ import jax
 from jaxpipe._core import fold as _fold
 from jaxpipe._core.stage import Stage, StageContext, StageKind
 from jaxpipe._stages.builtins import BUILTIN_STAGES
-from jaxpipe.errors import PipelineError
+from jaxpipe.errors import PipelineError, error_type
 
 if TYPE_CHECKING:
     from jaxpipe._core.protocol import PipelineLike
@@ -82,10 +82,12 @@ def _failing_stage(pipe: PipelineLike, args: tuple[Any, ...], kwargs: dict[str, 
     return None
 
 
-def _placed(message: str, pipe: PipelineLike, index: int | None) -> PipelineError:
+def _placed(message: str, pipe: PipelineLike, index: int | None, cause: Exception) -> PipelineError:
+    """The advice as a PipelineError of ``cause``'s builtin kind, so ``except TypeError`` still catches it."""
+    kind = error_type(cause)
     if index is None:
-        return PipelineError(message, pipeline=repr(pipe))
-    return PipelineError(message).at(index + 1, pipe.stages[index], pipe)
+        return kind(message, pipeline=repr(pipe))
+    return kind(message).at(index + 1, pipe.stages[index], pipe)
 
 
 def _is(pipe: PipelineLike, index: int | None, kinds: tuple[StageKind, ...]) -> bool:
@@ -119,6 +121,7 @@ def _advise_nonscalar_grad(pipe: PipelineLike, err: Exception, text: str, args: 
         f"or, for per-example gradients, write a per-example loss and put .vmap() after .grad().",
         pipe,
         index,
+        err,
     )
 
 
@@ -146,6 +149,7 @@ def _advise_vmap_sizes(pipe: PipelineLike, err: Exception, text: str, args: Any,
         f"the whole batch with None in in_axes (now in_axes={in_axes!r}; e.g. in_axes=(None, 0)).",
         pipe,
         index,
+        err,
     )
 
 
@@ -188,6 +192,7 @@ def _advise_concretization(pipe: PipelineLike, err: Exception, text: str, args: 
         f"Use " + "; ".join(fixes) + ".",
         pipe,
         index,
+        err,
     )
 
 
@@ -214,6 +219,7 @@ def _advise_inplace(pipe: PipelineLike, err: Exception, text: str, args: Any, kw
         f"under jit XLA turns it into an in-place update anyway.",
         pipe,
         index,
+        err,
     )
 
 
@@ -238,6 +244,7 @@ def _advise_vmap_arity(pipe: PipelineLike, err: Exception, text: str, args: Any,
         f"or in_axes=0 to map every argument over axis 0.",
         pipe,
         index,
+        err,
     )
 
 

@@ -332,7 +332,7 @@ def from_spec(text: str, namespace: Mapping[str, Any], pipeline_type: type[Any])
         raise SpecError(f"`from_spec` looks names up in a mapping such as globals(), got {type(namespace).__name__}")
     fn = resolve(spec.source, namespace, text)
     dotted = str(spec.source)
-    if isinstance(fn, Pipeline):
+    if _is(fn, Pipeline):  # not isinstance: that would read a __class__ property of fn
         pipe = fn
     else:
         try:
@@ -412,6 +412,17 @@ def _lookup(name: Name, namespace: Mapping[str, Any], text: str) -> Any:
 
 
 _PLAIN_LOOKUP = (object.__getattribute__, type.__getattribute__, types.ModuleType.__getattribute__)
+# type's own slots, read without any lookup on the object: a metaclass may define `__mro__`,
+# `__dict__` or `__name__` as properties, or `__getattribute__` itself, and `cls.__mro__` would run them.
+_MRO = type.__dict__["__mro__"].__get__
+_CLASS_DICT = type.__dict__["__dict__"].__get__
+_TYPE_NAME = type.__dict__["__name__"].__get__
+
+
+def _is(value: Any, kind: type) -> bool:
+    """``isinstance(value, kind)`` by the real type only: ``isinstance`` also reads ``value.__class__``,
+    which a class may define as a property."""
+    return any(klass is kind for klass in _MRO(type(value)))  # `is`: a metaclass may define __eq__
 
 
 def static_attribute(obj: Any, attr: str) -> Any:
@@ -421,20 +432,28 @@ def static_attribute(obj: Any, attr: str) -> Any:
     functions, static and class methods and plain values defined on its class.
     Refused: properties and other descriptors, ``__getattr__`` fallbacks, and
     types that customise attribute lookup; each would run code named in text.
+    Everything here is read statically (as :func:`inspect.getattr_static`
+    does): types with ``type()``, never ``isinstance`` (which reads a
+    ``__class__`` property), class namespaces through ``type``'s own slots
+    (never through a metaclass).
     """
     cls = type(obj)
-    if cls.__getattribute__ not in _PLAIN_LOOKUP:
-        raise AttributeError(f"{cls.__name__} customises attribute lookup; bind `{attr}` to a name in Python first")
-    if isinstance(obj, types.ModuleType) and cls is types.ModuleType:
-        if attr in vars(obj):
-            return vars(obj)[attr]
-        raise AttributeError(f"module {obj.__name__!r} has no variable `{attr}`")
+    name = _TYPE_NAME(cls)
+    lookup = _class_lookup(cls, "__getattribute__")
+    if not any(lookup is plain for plain in _PLAIN_LOOKUP):
+        raise AttributeError(f"{name} customises attribute lookup; bind `{attr}` to a name in Python first")
+    if cls is types.ModuleType:  # exactly a module: its __dict__ is the C slot, no PEP 562 __getattr__ runs
+        variables = vars(obj)
+        if attr in variables:
+            return variables[attr]
+        raise AttributeError(f"module {_module_name(variables)!r} has no variable `{attr}`")
     meta = _class_lookup(cls, attr)  # what the type of obj defines: data descriptors win over the instance
-    if meta is not _MISSING and _is_descriptor(meta) and not isinstance(meta, types.FunctionType):
-        if isinstance(meta, types.MemberDescriptorType) and not isinstance(obj, type):  # a __slots__ entry
+    is_class = _is(obj, type)
+    if meta is not _MISSING and _is_descriptor(meta) and type(meta) not in _METHODS:
+        if type(meta) is types.MemberDescriptorType and not is_class:  # a __slots__ entry
             return meta.__get__(obj, cls)
-        raise AttributeError(f"`{attr}` is a {type(meta).__name__} of {cls.__name__}; reading it runs code")
-    if isinstance(obj, type):
+        raise AttributeError(f"`{attr}` is a {_TYPE_NAME(type(meta))} of {name}; reading it runs code")
+    if is_class:
         found = _class_lookup(obj, attr)
         owner: Any = obj
     else:
@@ -443,26 +462,28 @@ def static_attribute(obj: Any, attr: str) -> Any:
             return own[attr]
         found, owner = meta, cls
     if found is _MISSING:
-        raise AttributeError(f"{cls.__name__} object has no attribute `{attr}` (no `__getattr__` is called)")
-    if isinstance(found, staticmethod):
+        raise AttributeError(f"{name} object has no attribute `{attr}` (no `__getattr__` is called)")
+    kind = type(found)
+    if kind is staticmethod:
         return found.__func__
-    if isinstance(found, classmethod) and isinstance(found.__func__, types.FunctionType):
-        return types.MethodType(found.__func__, obj if isinstance(obj, type) else cls)
-    if isinstance(found, types.FunctionType):
+    if kind is classmethod and type(found.__func__) is types.FunctionType:
+        return types.MethodType(found.__func__, obj if is_class else cls)
+    if kind is types.FunctionType:
         return found if owner is obj else types.MethodType(found, obj)
-    if isinstance(found, types.MethodDescriptorType):  # a method written in C, e.g. of a NumPy ufunc
+    if kind is types.MethodDescriptorType:  # a method written in C, e.g. of a NumPy ufunc
         return found if owner is obj else found.__get__(obj, cls)
     if not _is_descriptor(found):
         return found
-    raise AttributeError(f"`{attr}` is a {type(found).__name__}; reading it runs code")
+    raise AttributeError(f"`{attr}` is a {_TYPE_NAME(kind)}; reading it runs code")
 
 
 _MISSING = object()
+_METHODS = (types.FunctionType, staticmethod, classmethod, types.MethodDescriptorType)  # bound below, no code run
 
 
 def _class_lookup(cls: type, attr: str) -> Any:
-    for klass in type.__getattribute__(cls, "__mro__"):
-        namespace = type.__getattribute__(klass, "__dict__")
+    for klass in _MRO(cls):
+        namespace = _CLASS_DICT(klass)
         if attr in namespace:
             return namespace[attr]
     return _MISSING
@@ -474,10 +495,15 @@ def _is_descriptor(value: Any) -> bool:
 
 def _instance_dict(obj: Any) -> dict[str, Any] | None:
     slot = _class_lookup(type(obj), "__dict__")
-    if not isinstance(slot, types.GetSetDescriptorType):  # no __dict__, or one a class computes
+    if type(slot) is not types.GetSetDescriptorType:  # no __dict__, or one a class computes
         return None
     own = slot.__get__(obj, type(obj))
     return own if type(own) is dict else None
+
+
+def _module_name(variables: dict[str, Any]) -> str:
+    name = variables.get("__name__")
+    return name if type(name) is str else "?"
 
 
 def _at(where: Any, text: str, message: str) -> SpecError:

@@ -18,6 +18,7 @@ from jaxpipe._core.protocol import PipelineLike
 from jaxpipe._core.stage import Stage, StageContext
 from jaxpipe._core.state import TrainState, not_a_state, split_init_key
 from jaxpipe._plugins.manager import first_result, run_hooks
+from jaxpipe._training.checks import check_batch_dtypes
 from jaxpipe.errors import PipelineError
 
 
@@ -51,10 +52,47 @@ def _check_sample_batch(batch: Any, pipe: PipelineLike) -> None:
         )
 
 
+def _makes_params(stage: Stage, state: TrainState, key: jax.Array, batch: Any) -> bool:
+    """Whether ``stage``'s share of ``init`` makes parameters when none are given (a model stage).
+
+    Asked of the stage itself, abstractly (``jax.eval_shape``: nothing is
+    computed), so no stage is named here: its init runs on a state without
+    parameters, and parameters come back.
+    """
+    training = stage.kind.training
+    assert training is not None and training.init is not None
+    share = training.init
+
+    def made() -> Any:
+        return share(state.replace(params=None), key, batch, **stage.options).params
+
+    try:
+        return bool(jax.tree.leaves(jax.eval_shape(made)))
+    except Exception:  # a share that needs parameters (an optimizer's) makes none
+        return False
+
+
+def _check_params(pipe: PipelineLike, state: TrainState, key: jax.Array, batch: Any) -> None:
+    """``params=`` given to a pipeline whose stages make the parameters: which ones to train is ambiguous."""
+    for number, stage in enumerate(pipe.stages, 1):
+        training = stage.kind.training
+        if training is None or training.init is None or not _makes_params(stage, state, key, batch):
+            continue
+        raise PipelineError(
+            f"`init` got `params`, but `.{stage.name}()` initialises the parameters itself, so it is "
+            f"ambiguous which to train.\nLet the stage make them: state = trainer.init(key, sample_batch); "
+            f"or, to start from given parameters, replace them and the optimizer state made from them: "
+            f"state = trainer.init(key, sample_batch); "
+            f"state = state.replace(params=params, opt_state=tx.init(params)).",
+            pipeline=repr(pipe),
+        ).at(number, stage, pipe)
+
+
 def init(pipe: PipelineLike, key: jax.Array, sample_batch: Any, params: Any = None, resume: bool = True) -> TrainState:
     """Builds the initial state from the stages' ``init``; see ``Pipeline.init``."""
     _check_key(key, pipe)
     _check_sample_batch(sample_batch, pipe)
+    check_batch_dtypes(sample_batch, argument="sample_batch")
     params_key, run_key, data_key = split_init_key(key)
     state = TrainState(
         step=jnp.zeros((), jnp.int32),
@@ -80,6 +118,8 @@ def init(pipe: PipelineLike, key: jax.Array, sample_batch: Any, params: Any = No
             "trainer.init(key, batch, params=params).replace(opt_state=tx.init(params)).",
             pipeline=repr(pipe),
         )
+    if params is not None:
+        _check_params(pipe, state, params_key, sample_batch)
     state = fold(
         pipe, add_share, state, lambda stage, err: f"initialising `.{stage.name}()` failed: {type(err).__name__}: {err}"
     )

@@ -16,11 +16,13 @@ in an old log directory replaces the old curves the same way.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import time
 from typing import Any
 
 from jaxpipe._core.run import metrics_of
+from jaxpipe.errors import PipelineError, PipelineTypeError
 from jaxpipe.hookspecs import hookimpl
 
 
@@ -42,7 +44,8 @@ class TensorBoard:
     accepts_calls = True  # writes run.history's rows, so one call of several steps is fine
 
     def __init__(self, logdir: str | os.PathLike[str]) -> None:
-        self.logdir = os.fspath(logdir)
+        self.logdir = _check_logdir(logdir)
+        _check_installed()
         self._writers: dict[str, Any] = {}
         self._rows = self._evals = 0
         self._purge_step: int | None = None
@@ -106,6 +109,43 @@ class TensorBoard:
         self._writers.clear()
 
 
+_EXAMPLE = "jaxpipe.TensorBoard('runs/mnist')"
+
+
+def _check_logdir(logdir: Any) -> str:
+    """``logdir`` as a path string: a str or path naming a directory (existing or not), never a file."""
+    try:
+        path = os.fspath(logdir)
+    except TypeError:
+        path = None
+    if not isinstance(path, str):  # None, a number, or bytes (tensorboardX writes str paths)
+        raise PipelineTypeError(
+            f"`TensorBoard` needs `logdir`, the run's log directory, as a str or path; got "
+            f"{type(logdir).__name__} {logdir!r}.\nFor example {_EXAMPLE}."
+        )
+    if not path:
+        raise PipelineError(f"`TensorBoard` got an empty `logdir`; name the run's log directory, e.g. {_EXAMPLE}.")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise PipelineError(
+            f"`TensorBoard`'s `logdir` {path!r} is an existing file, not a directory; the run's "
+            f"events are written in directories below it.\nName a directory, e.g. {_EXAMPLE}."
+        )
+    return path
+
+
+def _check_installed() -> None:
+    """tensorboardX writes the events; it is an optional dependency (the ``tensorboard`` extra)."""
+    try:
+        found = importlib.util.find_spec("tensorboardX") is not None
+    except (ImportError, ValueError):  # a broken or hidden install
+        found = False
+    if not found:
+        raise PipelineError(
+            "`TensorBoard` writes its events with tensorboardX, which is not installed.\n"
+            "Install it with: pip install jaxpipe[tensorboard]  (or pip install tensorboardX)."
+        )
+
+
 class _EventFile:
     """One new event file, written synchronously, so ``flush`` means on disk.
 
@@ -114,6 +154,7 @@ class _EventFile:
     """
 
     def __init__(self, directory: str, purge_step: int) -> None:
+        _check_installed()  # still there when the run starts
         from tensorboardX.event_file_writer import EventsWriter
         from tensorboardX.proto.event_pb2 import Event, SessionLog
         from tensorboardX.record_writer import directory_check

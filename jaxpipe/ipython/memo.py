@@ -225,8 +225,10 @@ class PipelineMemo:
         entry = _Built(Pipeline(pipe), fingerprint(pipe.fn))
         # The pipeline stays equal to the one asked for (same function); only its
         # built callable sees the watch, which runs at trace time and never after.
-        # Equal pipelines share a build (``_compiled``), so this one now builds to it.
-        _compiled.share(_compiled.key(pipe), _fold.build(pipe.with_fn(entry.watch(pipe.fn))))
+        # Equal pipelines share a build (``_compiled``), so this one now builds to it; the
+        # share is kept only while a pipeline holds the build, hence the name until it does.
+        built = _fold.build(pipe.with_fn(entry.watch(pipe.fn)))
+        _compiled.share(_compiled.key(pipe), built)
         entry.pipe.build()
         self._built[key] = entry
         while len(self._built) > self.size:
