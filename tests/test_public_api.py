@@ -127,6 +127,13 @@ def test_pipeline_fit_and_init_show_the_training_functions_parameters() -> None:
     assert jaxpipe.Pipeline.fit.__qualname__ == "Pipeline.fit"
 
 
+def test_the_notebook_helpers_keep_their_documented_paths() -> None:
+    from jaxpipe.ipython.display import show_tree  # README, examples/inspector.ipynb
+    from jaxpipe.ipython.widgets import show_inspector
+
+    assert inspect.getdoc(show_tree) and inspect.getdoc(show_inspector)
+
+
 def test_version_matches_the_installed_distribution() -> None:
     assert jaxpipe.__version__ == importlib.metadata.version("jaxpipe")
 
