@@ -43,6 +43,9 @@ def _method_of(fn: Callable[Concatenate[Any, _P], _R], name: str) -> Callable[Co
     first, *rest = signature.parameters.values()
     self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
     method.__signature__ = signature.replace(parameters=[self_param, *rest])  # type: ignore[attr-defined]
+    method.__annotations__ = {p.name: p.annotation for p in rest if p.annotation is not p.empty}
+    if signature.return_annotation is not signature.empty:
+        method.__annotations__["return"] = signature.return_annotation
     method.__doc__ = _without_arg(inspect.getdoc(fn) or "", first.name)
     method.__name__ = name
     method.__qualname__ = f"Pipeline.{name}"
