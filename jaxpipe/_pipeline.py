@@ -6,7 +6,7 @@ import difflib
 import inspect
 import warnings
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from jaxpipe._core import builds, fold
 from jaxpipe._core.format import format_options, format_signature, format_value, same_value
@@ -19,6 +19,52 @@ from jaxpipe._tools import diagnose, inspection, spec
 from jaxpipe._training import fit as training_fit
 from jaxpipe._training import init as training_init
 from jaxpipe.errors import PipelineError, PipelineTypeError, error_type
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _method_of(fn: Callable[Concatenate[Any, _P], _R], name: str) -> Callable[Concatenate[Pipeline, _P], _R]:
+    """``fn(pipe, ...)`` as the method ``pipe.name(...)``, showing ``fn``'s parameters and docstring.
+
+    As ``functools.wraps`` does for a wrapper, the method carries ``fn``'s
+    signature (its first parameter, the pipeline, becoming ``self``) and its
+    docstring (without that parameter's ``Args`` entry), so ``help(pipe.fit)``
+    lists ``fit``'s real parameters, including any added later.
+    """
+
+    def method(self: Pipeline, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        return fn(self, *args, **kwargs)
+
+    try:  # the real types rather than their strings, where the module's names allow
+        signature = inspect.signature(fn, eval_str=True)
+    except NameError:
+        signature = inspect.signature(fn)
+    first, *rest = signature.parameters.values()
+    self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    method.__signature__ = signature.replace(parameters=[self_param, *rest])  # type: ignore[attr-defined]
+    method.__annotations__ = {p.name: p.annotation for p in rest if p.annotation is not p.empty}
+    if signature.return_annotation is not signature.empty:
+        method.__annotations__["return"] = signature.return_annotation
+    method.__doc__ = _without_arg(inspect.getdoc(fn) or "", first.name)
+    method.__name__ = name
+    method.__qualname__ = f"Pipeline.{name}"
+    return method
+
+
+def _without_arg(doc: str, arg: str) -> str:
+    """A Google-style docstring without the ``Args`` entry of ``arg`` (its line and its indented continuation)."""
+    lines, kept, skipping, indent = doc.splitlines(), [], False, 0
+    for line in lines:
+        stripped = line.lstrip()
+        depth = len(line) - len(stripped)
+        if skipping and (not stripped or depth > indent):
+            continue
+        skipping = stripped.startswith(f"{arg}:")
+        indent = depth
+        if not skipping:
+            kept.append(line)
+    return "\n".join(kept)
 
 
 class Pipeline:
@@ -428,22 +474,10 @@ class Pipeline:
 
     # --- training (stages from the Flax, Optax and Orbax plugins) ---------------
 
-    def init(self, key: Any, sample_batch: Any, *, params: Any = None, resume: bool = True) -> Any:
-        """The initial :class:`~jaxpipe.TrainState`, or the newest checkpoint's.
-
-        ``key`` is split into a parameter key, the state's step key and its data
-        key (:func:`jaxpipe.split_init_key`). ``params`` starts a pipeline
-        without a ``.model`` stage from given parameters. ``resume=False``
-        restores nothing: the fresh state, to start a run over with
-        ``fit(..., resume=False)``.
-        """
-        return training_init.init(self, key, sample_batch, params=params, resume=resume)
-
-    def fit(
-        self, state: Any, data: Any, *, epochs: int | None = None, batch_size: int | None = None, **options: Any
-    ) -> Any:
-        """Trains from ``state``; ``epochs`` is the run's total. See :func:`jaxpipe.fit`."""
-        return training_fit.fit(self, state, data, epochs=epochs, batch_size=batch_size, **options)
+    # `init` and `fit` are the training functions with this pipeline as their first argument: their parameters,
+    # types and docstrings come from there (for `help`, `inspect.signature`, mypy), so a new one needs no edit here.
+    init = _method_of(training_init.init, "init")
+    fit = _method_of(training_fit.fit, "fit")
 
     def save(self, state: Any) -> bool:
         """Saves ``state`` through this pipeline's ``.checkpoint()`` stage, for a step loop written by hand.

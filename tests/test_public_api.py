@@ -120,6 +120,30 @@ def test_hookspecs_are_the_plugin_authors_manual() -> None:
         assert len(inspect.getdoc(spec) or "") > 40, f"{name} needs a docstring for plugin authors"
 
 
+def test_pipeline_fit_and_init_show_the_training_functions_parameters() -> None:
+    from jaxpipe._training import init as training_init
+
+    for method, fn in [(jaxpipe.Pipeline(abs).fit, jaxpipe.fit), (jaxpipe.Pipeline(abs).init, training_init.init)]:
+        shown, real = inspect.signature(method).parameters, inspect.signature(fn).parameters
+        assert list(shown) == list(real)[1:], f"{method.__name__} should list {fn.__name__}'s parameters but `pipe`"
+        assert all(shown[name].kind == real[name].kind and shown[name].default == real[name].default for name in shown)
+        doc = inspect.getdoc(method) or ""
+        assert doc.splitlines()[0] == (inspect.getdoc(fn) or "").splitlines()[0], "the docstring is the function's"
+        assert "pipe:" not in doc and "state" in doc
+    fit_params = inspect.signature(jaxpipe.Pipeline(abs).fit).parameters
+    assert {"state", "data", "epochs", "batch_size", "eval_data", "log_every", "hooks", "resume"} <= set(fit_params)
+    assert not any(p.kind is p.VAR_KEYWORD for p in fit_params.values()), "no **options: the real parameters"
+    assert inspect.signature(jaxpipe.Pipeline.fit).parameters["state"].annotation is jaxpipe.TrainState
+    assert jaxpipe.Pipeline.fit.__qualname__ == "Pipeline.fit"
+
+
+def test_the_notebook_helpers_keep_their_documented_paths() -> None:
+    from jaxpipe.ipython.display import show_tree  # README, examples/inspector.ipynb
+    from jaxpipe.ipython.widgets import show_inspector
+
+    assert inspect.getdoc(show_tree) and inspect.getdoc(show_inspector)
+
+
 def test_version_matches_the_installed_distribution() -> None:
     assert jaxpipe.__version__ == importlib.metadata.version("jaxpipe")
 

@@ -1,6 +1,6 @@
 """Paired timing for the demo's table and the benchmarks: candidates timed in interleaved rounds.
 
-Not library code (``Pipeline.timing`` and ``%jit_timing`` use ``jaxpipe._inspect``). It ships with the demo,
+Not library code (``Pipeline.timing`` and ``%jit_timing`` use ``jaxpipe._tools.inspection``). It ships with the demo,
 which prints the same comparison the benchmark scripts do; they import it through ``benchmarks/_timing.py``.
 """
 

@@ -3,7 +3,7 @@
 A :class:`StageKind` is the recipe (a name, a function transform, how to check
 its options and how to write it as JAX, and the properties generic code asks
 about); a :class:`Stage` is one use of it with concrete options. The built-in
-kinds are declared in ``_builtins.py``, plugins' kinds by their plugins.
+kinds are declared in ``jaxpipe/_stages/builtins.py``, plugins' kinds by their plugins.
 """
 
 from __future__ import annotations

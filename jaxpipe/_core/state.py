@@ -61,7 +61,9 @@ class TrainLoss(Protocol):
         """The scalar loss in evaluation mode (no dropout, running statistics)."""
         ...
 
-    def train(self, params: Any, batch: Any, key: jax.Array, model_state: Any) -> tuple[jax.Array, tuple[dict, Any]]:
+    def train(
+        self, params: Any, batch: Any, key: jax.Array, model_state: Any
+    ) -> tuple[jax.Array, tuple[dict[str, Any], Any]]:
         """``(loss, (metrics, new_model_state))`` in training mode, for ``jax.value_and_grad(has_aux=True)``."""
         ...
 

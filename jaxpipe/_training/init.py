@@ -88,8 +88,32 @@ def _check_params(pipe: PipelineLike, state: TrainState, key: jax.Array, batch: 
         ).at(number, stage, pipe)
 
 
-def init(pipe: PipelineLike, key: jax.Array, sample_batch: Any, params: Any = None, resume: bool = True) -> TrainState:
-    """Builds the initial state from the stages' ``init``; see ``Pipeline.init``."""
+def init(
+    pipe: PipelineLike, key: jax.Array, sample_batch: Any, *, params: Any = None, resume: bool = True
+) -> TrainState:
+    """The initial :class:`~jaxpipe.TrainState`, or the newest checkpoint's.
+
+    Each training stage adds its share (the model its parameters and mutable
+    collections, the optimizer its state), in call order; a ``.checkpoint()``
+    stage may then swap the fresh state for the newest one it saved.
+
+    Args:
+      pipe: the training pipeline (``.model(...).optimize(...)``, or a
+        hand-written step with ``params``).
+      key: one PRNG key (``jax.random.key(0)``; a legacy ``PRNGKey`` works
+        too), split into a parameter key, the state's step key and its data
+        key (:func:`jaxpipe.split_init_key`).
+      sample_batch: one batch of the data (a few examples), which shapes the
+        parameters.
+      params: the parameters to start from, for a pipeline without a
+        ``.model`` stage.
+      resume: False restores nothing: the fresh state, to start a run over
+        with ``fit(..., resume=False)``.
+
+    Returns:
+      The state, placed on the device(s) as the stages ask (``.data_parallel``
+      replicates it over its mesh).
+    """
     _check_key(key, pipe)
     _check_sample_batch(sample_batch, pipe)
     check_batch_dtypes(sample_batch, argument="sample_batch")

@@ -422,7 +422,7 @@ def _check_call(module: Any, input: Any) -> None:
     except (TypeError, ValueError):
         return
     count = 1 if input is None or isinstance(input, str) else len(input)
-    given = dict.fromkeys(_mode_flags(module), True)
+    given: dict[str, bool | None] = dict.fromkeys(_mode_flags(module), True)
     if isinstance(module, nnx.Module) and "rngs" in sig.parameters:
         given["rngs"] = None
     try:

@@ -78,7 +78,9 @@ def optimize(
     import optax
 
     name = getattr(loss, "__name__", type(loss).__name__)
-    train = loss.train if isinstance(loss, TrainLoss) else None  # a model: dropout keys, mutable collections
+    # A model: dropout keys, mutable collections. Typed as any callable: `train` may take the optional `step`
+    # keyword that TrainLoss documents but does not declare (asked below with `inspect.signature`).
+    train: Callable[..., Any] | None = loss.train if isinstance(loss, TrainLoss) else None
     keys = getattr(loss, "step_keys", None)  # the model's own key scheme (`.model(..., rng=...)`), if any
     wants_step = train is not None and "step" in inspect.signature(train).parameters
 
