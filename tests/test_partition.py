@@ -15,7 +15,8 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxpipe import Pipeline, PipelineError
+from jaxpipe import Pipeline, PipelineError, sharding_report
+from jaxpipe._tools.sharding import collectives
 from jaxpipe._training.init import init_program
 
 pytestmark = pytest.mark.slow  # compiles several sharded programs
@@ -174,3 +175,23 @@ def test_an_annotated_dimension_the_mesh_cannot_split(batch):
         PipelineError, match=r"dimension 1 of `params\['Dense_0'\]\['kernel'\]` has size 6, which mesh axis 'model'"
     ):
         pipe.data_parallel(mesh, param_specs="annotations", rules=RULES).jit().init(jax.random.key(0), batch)
+
+
+def test_sharding_report_against_the_hand_written_jit(trainer, batch):
+    mesh = jax.make_mesh((8,), ("data",))
+    pipe = trainer.data_parallel(mesh, param_specs="fsdp").jit()
+    state = pipe.init(jax.random.key(0), batch)
+    report = sharding_report(pipe, state, batch)
+    kernels = (32 * 64 + 64 * 16) * 4
+    biases = (64 + 16) * 4
+    assert report.param_total_bytes == kernels + biases
+    assert report.param_bytes == kernels // 8 + biases  # the kernels split 8 ways, the biases whole
+    assert report.opt_state_bytes == 2 * report.param_bytes + 4  # Adam's mu and nu follow them; its int32 count
+    assert report.specs["['Dense_0']['kernel'].value"] == P(None, "data")
+    shardings = jax.tree.map(lambda x: x.sharding, state)
+    replicated = NamedSharding(kernel(state).sharding.mesh, P())
+    batch_sharding = NamedSharding(kernel(state).sharding.mesh, P("data"))
+    hand = jax.jit(trainer.build(), in_shardings=(shardings, batch_sharding), out_shardings=(shardings, replicated))
+    assert report.collectives == collectives(hand.lower(state, batch).compile().as_text())
+    assert "all-gather" in report.collectives  # each kernel gathered for the forward pass
+    assert "params: " not in str(report) and "['Dense_0']['kernel'].value: P(None, 'data')" in str(report)
