@@ -189,9 +189,16 @@ def test_sharding_report_against_the_hand_written_jit(trainer, batch):
     assert report.opt_state_bytes == 2 * report.param_bytes + 4  # Adam's mu and nu follow them; its int32 count
     assert report.specs["['Dense_0']['kernel'].value"] == P(None, "data")
     shardings = jax.tree.map(lambda x: x.sharding, state)
-    replicated = NamedSharding(kernel(state).sharding.mesh, P())
-    batch_sharding = NamedSharding(kernel(state).sharding.mesh, P("data"))
-    hand = jax.jit(trainer.build(), in_shardings=(shardings, batch_sharding), out_shardings=(shardings, replicated))
-    assert report.collectives == collectives(hand.lower(state, batch).compile().as_text())
+    mesh = kernel(state).sharding.mesh
+    step = trainer.build()
+
+    def step_on_mesh(state, batch):  # what explain() shows: the step between sharding constraints
+        state = jax.lax.with_sharding_constraint(state, shardings)
+        batch = jax.lax.with_sharding_constraint(batch, NamedSharding(mesh, P("data")))
+        state, metrics = step(state, batch)
+        state = jax.lax.with_sharding_constraint(state, shardings)
+        return state, jax.lax.with_sharding_constraint(metrics, NamedSharding(mesh, P()))
+
+    assert report.collectives == collectives(jax.jit(step_on_mesh).lower(state, batch).compile().as_text())
     assert "all-gather" in report.collectives  # each kernel gathered for the forward pass
     assert "params: " not in str(report) and "['Dense_0']['kernel'].value: P(None, 'data')" in str(report)
