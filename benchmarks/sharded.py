@@ -17,6 +17,14 @@ with ``block_until_ready``, one process:
 3. One device: the sharded pipeline on a 1-device mesh against the plain
    ``Pipeline(...).jit()`` (on one GPU, the cost of keeping ``.data_parallel``
    in a script that also runs on one device).
+4. Sharded parameters: ``param_specs="fsdp"`` on an (N,) mesh and
+   ``("annotations", "fsdp")`` on a (2, N/2) (data, model) mesh (an MLP whose
+   kernels carry Flax logical annotations) against the hand-written
+   ``jax.jit(step, in_shardings=..., out_shardings=...)`` with the same
+   ``NamedSharding``s: the step ratio, whether the compiled programs hold the
+   same collectives, and parameter + optimizer bytes per device against the
+   replicated state (goal: 1/N of the sharded kernels). ``--params-only``
+   runs just this part.
 """
 
 from __future__ import annotations
@@ -40,7 +48,7 @@ from _timing import format_seconds, paired_ratio, paired_rounds  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-from jaxpipe import Pipeline, TrainState  # noqa: E402
+from jaxpipe import Pipeline, TrainState, sharding_report  # noqa: E402
 from jaxpipe._stages.data_parallel import place_batch  # noqa: E402
 from jaxpipe._stages.mesh import auto_mesh  # noqa: E402
 
@@ -80,6 +88,26 @@ def hand_written_step(module: nn.Module, tx: optax.GradientTransformation):
     return train_step
 
 
+class AnnotatedMLP(nn.Module):
+    """The MLP with logical axis names on its kernels, alternating (embed, mlp) and (mlp, embed)."""
+
+    width: int
+    depth: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        def dense(features: int, names: tuple[str, str]) -> nn.Dense:
+            return nn.Dense(features, kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), names))
+
+        x = nn.relu(dense(self.width, ("embed", "mlp"))(x))
+        for _ in range(self.depth - 1):
+            x = nn.relu(dense(self.width, ("mlp", "embed"))(x))
+        return nn.Dense(10)(x)
+
+
+RULES = [("embed", None), ("mlp", "model")]
+
+
 def op_counts(hlo: str) -> collections.Counter[str]:
     """How often each HLO operation occurs in a compiled program."""
     return collections.Counter(re.findall(r"= \S+ (\w[\w-]*)\(", hlo))
@@ -101,7 +129,9 @@ def compare(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds, for a smoke test or one GPU")
-    quick = parser.parse_args().quick
+    parser.add_argument("--params-only", action="store_true", help="only part 4, the sharded parameters")
+    options = parser.parse_args()
+    quick = options.quick
     gpu = jax.default_backend() == "gpu"
     width, depth, batch_size = (4096, 4, 1024) if gpu else (256, 2, 128)
     number, repeat = (20, 5) if quick else (200 if gpu else 50, 21)
@@ -118,6 +148,9 @@ def main() -> None:
         "image": rng.normal(size=(batch_size, 784)).astype(np.float32),
         "label": rng.integers(0, 10, batch_size).astype(np.int32),
     }
+    if options.params_only:
+        sharded_params(AnnotatedMLP(width, depth), tx, host, number, repeat)
+        return
     trainer = Pipeline(loss).model(module, input="image").optimize(tx)
 
     mesh = jax.make_mesh((len(devices),), ("data",))
@@ -192,7 +225,64 @@ def main() -> None:
         repeat,
         None,
     )
-    print(f"  same state after one step: {all(jax.tree.leaves(same))}")
+    print(f"  same state after one step: {all(jax.tree.leaves(same))}\n")
+    sharded_params(AnnotatedMLP(width, depth), tx, host, number, repeat)
+
+
+def collective_counts(hlo: str) -> dict[str, int]:
+    return {op: n for op, n in op_counts(hlo).items() if op.split("-start")[0] in COLLECTIVES}
+
+
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+
+
+def sharded_params(module: nn.Module, tx: optax.GradientTransformation, host: dict, number: int, repeat: int) -> None:
+    """Part 4: FSDP and (data, model) steps against jax.jit with the same NamedShardings; bytes per device."""
+    devices = jax.devices()
+    trainer = Pipeline(loss).model(module, input="image").optimize(tx)
+    replicated_pipe = trainer.data_parallel(jax.make_mesh((len(devices),), ("data",))).jit()
+    whole = sharding_report(replicated_pipe, replicated_pipe.init(jax.random.key(0), host), host)
+    setups = {
+        f"FSDP on ({len(devices)},)": trainer.data_parallel(
+            jax.make_mesh((len(devices),), ("data",)), param_specs="fsdp"
+        ),
+        f"annotations + FSDP on (2, {len(devices) // 2})": trainer.data_parallel(
+            jax.make_mesh((2, len(devices) // 2), ("data", "model")), param_specs=("annotations", "fsdp"), rules=RULES
+        ),
+    }
+    for title, stage in setups.items():
+        pipe = stage.jit()
+        state = pipe.init(jax.random.key(0), host)
+        mesh = jax.tree.leaves(state.params)[0].sharding.mesh
+        shardings = jax.tree.map(lambda x: x.sharding, state)
+        batch_sharding = {k: NamedSharding(mesh, P("data")) for k in host}
+        hand = jax.jit(
+            hand_written_step(module, tx),
+            in_shardings=(shardings, batch_sharding),
+            out_shardings=(shardings, NamedSharding(mesh, P())),
+        )
+        batch = jax.device_put(host, batch_sharding)
+        ours, theirs = pipe(state, batch), hand(state, batch)
+        jax.tree.map(
+            lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), ours[0].params, theirs[0].params
+        )
+        mine = collective_counts(pipe.hlo(state, batch, optimized=True))
+        written = collective_counts(hand.lower(state, batch).compile().as_text())
+        report = sharding_report(pipe, state, batch)
+        compare(
+            f"4. {title}, param_specs={stage.stages[-1].options['param_specs']!r}:",
+            {"hand-written jax.jit(in/out_shardings)": hand, "pipe(...)": pipe},
+            (state, batch),
+            number,
+            repeat,
+            GOAL,
+        )
+        print(f"  collectives: jaxpipe {mine}, hand-written {written} (same: {mine == written})")
+        print(
+            f"  per device: params {report.param_bytes} B, opt_state {report.opt_state_bytes} B; replicated: "
+            f"{whole.param_bytes} B, {whole.opt_state_bytes} B (1/{whole.param_bytes / report.param_bytes:.2f}, "
+            f"1/{whole.opt_state_bytes / report.opt_state_bytes:.2f})\n"
+        )
 
 
 if __name__ == "__main__":

@@ -25,6 +25,8 @@ from jaxpipe._tools.compile_cache import enable_compilation_cache as enable_comp
 from jaxpipe._tools.inspection import Cost as Cost
 from jaxpipe._tools.inspection import Memory as Memory
 from jaxpipe._tools.inspection import Timing as Timing
+from jaxpipe._tools.sharding import ShardingReport as ShardingReport
+from jaxpipe._tools.sharding import sharding_report as sharding_report
 from jaxpipe._tools.spec import SpecError as SpecError
 from jaxpipe._tools.summary import ParamSummary as ParamSummary
 from jaxpipe._tools.summary import param_summary as param_summary
@@ -55,6 +57,7 @@ __all__ = [
     "PipelineError",
     "PluginError",
     "PluginWarning",
+    "ShardingReport",
     "SpecError",
     "Stage",
     "StageContext",
@@ -74,6 +77,7 @@ __all__ = [
     "key_tree",
     "loss_and_metrics",
     "param_summary",
+    "sharding_report",
     "split_init_key",
 ]
 

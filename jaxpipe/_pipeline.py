@@ -335,17 +335,40 @@ class Pipeline:
             dict(mesh=mesh, in_specs=in_specs, out_specs=out_specs, axis_names=axis_names, check_vma=check_vma),
         )
 
-    def data_parallel(self, mesh: Any, axis: str | tuple[str, ...] = "data", *, param_specs: Any = None) -> Pipeline:
-        """Trains on a batch split along mesh axis ``axis``, the state replicated.
+    def data_parallel(
+        self,
+        mesh: Any,
+        axis: str | tuple[str, ...] = "data",
+        *,
+        param_specs: Any = None,
+        rules: Any = None,
+        strict: bool = False,
+    ) -> Pipeline:
+        """Trains on a batch split along mesh axis ``axis``, the state replicated or sharded.
 
         Put it after the training stages and before ``.scan()``/``.jit()``:
         ``Pipeline(loss).model(m, input="image").optimize(tx).data_parallel(mesh).jit()``.
         The loss and model are unchanged and the result matches one device.
-        ``param_specs(path, array) -> PartitionSpec`` shards parameters and
-        optimizer state instead. ``init`` places the state on the mesh and
-        ``fit`` places each batch, from every process's own rows across hosts.
+        ``param_specs`` shards parameters and optimizer state instead (the
+        optimizer state follows its parameter):
+
+        - ``"annotations"``: Flax's ``nn.with_logical_partitioning`` /
+          ``nn.with_partitioning`` metadata, logical names mapped through
+          ``rules`` (Flax's ``[(logical, mesh axis or None), ...]``; default:
+          the active ``nn.logical_axis_rules``, else names equal to mesh
+          axes); unannotated parameters replicated, or an error with
+          ``strict=True``.
+        - ``"fsdp"``: each parameter of at least 1024 elements split over
+          ``axis`` along its largest dimension that axis divides.
+        - ``("annotations", "fsdp")``: both, e.g. a (data, model) mesh.
+        - a function ``(path, array) -> PartitionSpec``.
+
+        ``init`` compiles the initialiser with these shardings, so no device
+        holds the whole parameters; ``fit`` places each batch, from every
+        process's own rows across hosts.
         """
-        return self._add(BUILTIN_STAGES["data_parallel"], (), dict(mesh=mesh, axis=axis, param_specs=param_specs))
+        options = dict(mesh=mesh, axis=axis, param_specs=param_specs, rules=rules, strict=strict)
+        return self._add(BUILTIN_STAGES["data_parallel"], (), options)
 
     def remat(self, **options: Any) -> Pipeline:
         """Recomputes activations in the backward pass: ``jax.checkpoint(f, ...)``.

@@ -74,6 +74,27 @@ def jaxpipe_register_stages() -> list[StageKind]:  # type: ignore[empty-body]
 
 
 @hookspec(firstresult=True)
+def jaxpipe_state_shardings(pipeline: PipelineLike, state: Any) -> Any:
+    """Say where each array of a new training state should live, before it is made.
+
+    Called by ``Pipeline.init`` with the state's shapes (``jax.eval_shape`` of
+    the stages' ``init`` contributions; Flax partitioning boxes kept). Given
+    shardings, ``init`` compiles the initialiser with them as
+    ``out_shardings``, so each device makes only its own shard and none ever
+    holds a whole parameter. The ``.data_parallel`` stage implements it.
+    Stops at the first non-None result.
+
+    Args:
+      pipeline: the :class:`~jaxpipe.Pipeline` being initialised.
+      state: a :class:`~jaxpipe.TrainState` of ``jax.ShapeDtypeStruct`` leaves.
+
+    Returns:
+      A tree like ``state`` of ``jax.sharding.Sharding``, or None to make the
+      state eagerly on the default device.
+    """
+
+
+@hookspec(firstresult=True)
 def jaxpipe_init_state(pipeline: PipelineLike, state: TrainState) -> TrainState | None:
     """Replace a freshly initialised training state, e.g. by a restored one.
 

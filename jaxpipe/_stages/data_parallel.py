@@ -18,7 +18,8 @@ from jax.sharding import PartitionSpec as P
 
 from jaxpipe._core.state import TrainState
 from jaxpipe._core.steps import stacks_batches
-from jaxpipe._stages.mesh import auto_mesh, check_mesh, check_split, mesh_code
+from jaxpipe._stages.mesh import auto_mesh, check_mesh, check_split, mesh_code, named
+from jaxpipe._stages.partition import Partitioning, check_partitioning, opt_specs, partitioning
 from jaxpipe.errors import PipelineError
 from jaxpipe.hookspecs import hookimpl
 
@@ -33,22 +34,40 @@ def _axis_names(axis: str | tuple[str, ...]) -> tuple[str, ...]:
     return axis if isinstance(axis, tuple) else (axis,)
 
 
-def state_shardings(state: Any, mesh: Mesh, param_specs: Callable[..., P] | None) -> Any:
-    """NamedShardings for a training state: ``param_specs`` for params and optimizer state, the rest replicated."""
+def state_shardings(state: Any, mesh: Mesh, param_specs: Any) -> Any:
+    """NamedShardings for a training state: ``param_specs`` for params and optimizer state, the rest replicated.
+
+    ``param_specs`` is a function ``(path, array) -> PartitionSpec`` (applied
+    to params and optimizer state alike), a :class:`Partitioning` (annotations,
+    FSDP: the optimizer state follows its parameter), or None (replicated).
+    Works on arrays, tracers and ``jax.eval_shape``'s shapes alike.
+    """
     replicated = NamedSharding(mesh, P())
     if param_specs is None or not isinstance(state, TrainState):
         return jax.tree.map(lambda _: replicated, state)
+    if isinstance(param_specs, Partitioning):
+        table = param_specs.param_specs(state.params, mesh)
 
-    def by_rule(path: Any, leaf: Any) -> NamedSharding:
-        return NamedSharding(mesh, param_specs(path, leaf))
+        def by_path(path: Any, leaf: Any) -> NamedSharding:
+            del leaf  # every params leaf is in the table
+            return NamedSharding(mesh, table[tuple(str(k) for k in path)][0])
 
+        params = jax.tree.map_with_path(by_path, state.params)
+        opt_state = named(mesh, opt_specs(state.opt_state, table))
+    else:
+
+        def by_rule(path: Any, leaf: Any) -> NamedSharding:
+            return NamedSharding(mesh, param_specs(path, leaf))
+
+        params = jax.tree.map_with_path(by_rule, state.params)
+        opt_state = jax.tree.map_with_path(by_rule, state.opt_state)
     return state.replace(
         **{
             field: jax.tree.map(lambda _: replicated, getattr(state, field))
             for field in ("step", "key", "model_state", "data_key")
         },
-        params=jax.tree.map_with_path(by_rule, state.params),
-        opt_state=jax.tree.map_with_path(by_rule, state.opt_state),
+        params=params,
+        opt_state=opt_state,
     )
 
 
@@ -56,18 +75,24 @@ def data_parallel(
     step: Callable[..., Any],
     mesh: Mesh,
     axis: str | tuple[str, ...] = "data",
-    param_specs: Callable[..., P] | None = None,
+    param_specs: Any = None,
+    rules: Any = None,
+    strict: bool = False,
 ) -> Callable[..., Any]:
     """Splits each batch along the mesh axis ``axis`` and keeps the state replicated.
 
     Wraps a training step ``(state, batch) -> (state, metrics)``: XLA then runs
     each device on its slice of the batch and sums the gradients across devices,
     so the loss and the model are unchanged and the result matches one device.
-    ``param_specs(path, array) -> PartitionSpec``, if given, shards parameters
-    and optimizer state instead of replicating them. ``init`` places the state
-    on the mesh and ``fit`` places each batch (per-process data across hosts).
+    ``param_specs`` shards parameters and optimizer state instead of
+    replicating them: a function ``(path, array) -> PartitionSpec``,
+    ``"annotations"`` (Flax's partitioning metadata through ``rules``),
+    ``"fsdp"``, or ``("annotations", "fsdp")``; see :mod:`.partition`.
+    ``init`` makes the state on the mesh and ``fit`` places each batch
+    (per-process data across hosts).
     """
     mesh = auto_mesh(mesh)
+    param_specs = partitioning(param_specs, axis, rules, strict)
     batch_sharding = NamedSharding(mesh, P(axis))
     replicated = NamedSharding(mesh, P())
     where = f".data_parallel(axis={axis!r})"
@@ -138,7 +163,14 @@ class OnMesh:
     def __init__(self, options: dict[str, Any]) -> None:
         self.mesh = auto_mesh(options["mesh"])
         self.axis = options.get("axis", "data")
-        self.param_specs = options.get("param_specs")
+        self.param_specs = partitioning(
+            options.get("param_specs"), self.axis, options.get("rules"), options.get("strict", False)
+        )
+
+    @hookimpl
+    def jaxpipe_state_shardings(self, pipeline: Any, state: Any) -> Any:
+        del pipeline  # one stage per run
+        return state_shardings(state, self.mesh, self.param_specs)
 
     @hookimpl
     def jaxpipe_place_state(self, pipeline: Any, state: Any) -> Any:
@@ -181,12 +213,7 @@ def check_data_parallel(ctx: StageContext, options: dict[str, Any]) -> None:
             f"Use one of them, e.g. .data_parallel(mesh, axis={mesh.axis_names[0]!r}), or make the mesh with "
             f"that name: jax.make_mesh(({mesh.size},), ({unknown[0]!r},))."
         )
-    specs = options.get("param_specs")
-    if specs is not None and not callable(specs):
-        raise TypeError(
-            f"`param_specs` must be a function (path, array) -> PartitionSpec, got {specs!r}; "
-            f"e.g. param_specs=lambda path, x: P('data') if x.ndim == 2 else P()."
-        )
+    check_partitioning(options.get("param_specs"), options.get("rules"), options.get("strict", False))
     # it wraps one step on one program: nothing before it may compile, distribute or batch several steps
     late = [s.name for s in ctx.stages if s.kind.compiles or s.kind.distributes or s.kind.steps_per_call]
     if late:
@@ -200,9 +227,12 @@ def check_data_parallel(ctx: StageContext, options: dict[str, Any]) -> None:
 def explain_data_parallel(ctx: StageContext, inner: str, options: dict[str, Any]) -> tuple[str, str]:
     del ctx  # the same constraints whatever the step
     axis = options.get("axis", "data")
-    rule = options.get("param_specs")
+    rule = partitioning(options.get("param_specs"), axis, options.get("rules"), options.get("strict", False))
     state, note = "replicated", ""
-    if rule is not None:
+    if isinstance(rule, Partitioning):
+        state = "state_shardings(state)"
+        note = f"  # params: {rule.describe()}; opt_state: its parameter's; the rest P()"
+    elif rule is not None:
         state = "state_shardings(state)"
         note = f"  # params, opt_state: {getattr(rule, '__name__', 'param_specs')}(path, x); the rest P()"
     code = (

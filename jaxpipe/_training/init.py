@@ -2,16 +2,21 @@
 
 Training stages (``.model`` from the Flax plugin, ``.optimize`` from the Optax
 plugin) each add their share of the state: the model its parameters and
-mutable collections, the optimizer its state. Stages with ``run_hooks`` (the
-Orbax ``.checkpoint``) may then swap the fresh state for a restored one.
+mutable collections, the optimizer its state. Where a stage's run hooks say
+where the state lives (``jaxpipe_state_shardings``, the ``.data_parallel``
+stage), the fold runs compiled with those output shardings, so each device
+makes only its shards. Stages with ``run_hooks`` (the Orbax ``.checkpoint``)
+may then swap the fresh state for a restored one.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxpipe._core.fold import fold
 from jaxpipe._core.protocol import PipelineLike
@@ -88,6 +93,64 @@ def _check_params(pipe: PipelineLike, state: TrainState, key: jax.Array, batch: 
         ).at(number, stage, pipe)
 
 
+def _stage_shares(pipe: PipelineLike, key: jax.Array, sample_batch: Any, params: Any) -> Callable[[], TrainState]:
+    """The state as the stages' ``init`` make it: a function of nothing, to run eagerly or compiled."""
+    params_key, run_key, data_key = split_init_key(key)
+
+    def add_share(state: TrainState, stage: Stage, ctx: StageContext) -> TrainState:
+        del ctx  # a stage's share depends on its options and the state so far
+        training = stage.kind.training
+        if training is None or training.init is None:
+            return state
+        return training.init(state, params_key, sample_batch, **stage.options)
+
+    def make_state() -> TrainState:
+        state = TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=None,
+            key=run_key,
+            model_state={},
+            data_key=data_key,
+        )
+        return fold(
+            pipe,
+            add_share,
+            state,
+            lambda stage, err: f"initialising `.{stage.name}()` failed: {type(err).__name__}: {err}",
+        )
+
+    return make_state
+
+
+def init_program(
+    pipe: PipelineLike, key: jax.Array, sample_batch: Any, params: Any = None
+) -> tuple[Callable[[], TrainState], Any]:
+    """``(jax.jit(make_state, out_shardings=shardings), shardings)`` when a hook places the state, else
+    ``(make_state, None)``.
+
+    The shardings come from ``jaxpipe_state_shardings`` given ``jax.eval_shape(make_state)``, so each
+    device computes only its shards of the new state. The key, batch and parameters enter as host
+    constants: the program spans every process's devices, and each process holds the same values.
+    """
+    with run_hooks(pipe) as hook:
+        if not hook.jaxpipe_state_shardings.get_hookimpls():
+            return _stage_shares(pipe, key, sample_batch, params), None
+        typed = key if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else jax.random.wrap_key_data(key)
+        impl, key_data = jax.random.key_impl(typed), np.asarray(jax.random.key_data(typed))
+        host_batch, host_params = jax.device_get((sample_batch, params))
+
+        def make_state() -> TrainState:
+            host_key = jax.random.wrap_key_data(jnp.asarray(key_data), impl=impl)
+            return _stage_shares(pipe, host_key, host_batch, host_params)()
+
+        shapes = jax.eval_shape(make_state)
+        shardings = hook.jaxpipe_state_shardings(pipeline=pipe, state=shapes)
+    if shardings is None:
+        return _stage_shares(pipe, key, sample_batch, params), None
+    return jax.jit(make_state, out_shardings=shardings), shardings
+
+
 def init(
     pipe: PipelineLike, key: jax.Array, sample_batch: Any, *, params: Any = None, resume: bool = True
 ) -> TrainState:
@@ -117,23 +180,6 @@ def init(
     _check_key(key, pipe)
     _check_sample_batch(sample_batch, pipe)
     check_batch_dtypes(sample_batch, argument="sample_batch")
-    params_key, run_key, data_key = split_init_key(key)
-    state = TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        opt_state=None,
-        key=run_key,
-        model_state={},
-        data_key=data_key,
-    )
-
-    def add_share(state: TrainState, stage: Stage, ctx: StageContext) -> TrainState:
-        del ctx  # a stage's share depends on its options and the state so far
-        training = stage.kind.training
-        if training is None or training.init is None:
-            return state
-        return training.init(state, params_key, sample_batch, **stage.options)
-
     if not any(s.kind.training and s.kind.training.init for s in pipe.stages) and params is None:
         raise PipelineError(
             "`init` builds a training state, but no stage of this pipeline contributes to one.\n"
@@ -143,10 +189,11 @@ def init(
             pipeline=repr(pipe),
         )
     if params is not None:
-        _check_params(pipe, state, params_key, sample_batch)
-    state = fold(
-        pipe, add_share, state, lambda stage, err: f"initialising `.{stage.name}()` failed: {type(err).__name__}: {err}"
-    )
+        params_key, run_key, data_key = split_init_key(key)
+        fresh = TrainState(jnp.zeros((), jnp.int32), None, None, run_key, {}, data_key)
+        _check_params(pipe, fresh, params_key, sample_batch)
+    make_state, _ = init_program(pipe, key, sample_batch, params)
+    state = make_state()
     with run_hooks(pipe) as hook:
         restored = first_result(hook.jaxpipe_init_state, not_a_state, pipeline=pipe, state=state) if resume else None
         state = state if restored is None else restored
