@@ -90,7 +90,7 @@ def test_timing_measures_per_call_time_over_number_times_repeat_calls() -> None:
 
     timing = Pipeline(sleepy).timing(W, number=3, repeat=4)
     assert len(calls) == 1 + 3 * 4  # the first call, then repeat rounds of number calls
-    assert 0.002 <= timing.best <= timing.median < 0.5  # seconds per call, not per round
+    assert 0.002 <= timing.best <= timing.median  # seconds per call (a sleep bounds it below; load, not above)
     assert timing.first_call >= 0.002
 
 

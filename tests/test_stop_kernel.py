@@ -115,12 +115,10 @@ def test_a_stop_click_sent_as_a_comm_message_stops_fit_between_steps(kernel, tmp
     time.sleep(0.5)
     assert second not in front.idle and first not in front.idle
 
-    clicked = time.monotonic()
     kernel.shell_channel.send(
         kernel.session.msg("comm_msg", {"comm_id": stop, "data": {"method": "custom", "content": {"event": "click"}}})
     )
     front.wait(lambda: any(p == first and "fit returned" in t for p, t in front.text), "fit to return")
-    took = time.monotonic() - clicked
     third = kernel.execute('print("third cell")')  # arrives after fit, while its cell still runs
     front.wait(lambda: third in front.idle, "the cells to run")
     assert front.idle >= {first, second, third}
@@ -135,4 +133,3 @@ def test_a_stop_click_sent_as_a_comm_message_stops_fit_between_steps(kernel, tmp
     assert second_text == f"second cell saw step {step}\n"  # ran after fit, on the state it returned
     assert front.models[stop]["disabled"] and 0 < step < TOTAL
     assert [name for name in os.listdir(tmp_path / "ckpt") if name.isdigit()] == [str(step)]  # saved at fit end
-    assert took < 10, f"fit took {took:.1f} s to stop after the click"

@@ -353,6 +353,7 @@ def test_a_click_read_after_the_run_ended_changes_nothing(data, capsys):
 
 def test_dashboard_redraws_at_most_every_refresh_period(data, monkeypatch):
     run = jaxpipe.FitRun(Pipeline(linear_loss), epochs=1, batch_size=8, steps_per_epoch=8, total_steps=8)
+    monkeypatch.setattr(dash, "REFRESH_SECONDS", 3600.0)  # no clock in the test: the period is an hour, then none
     view = dash.FitView(run)
     run.step = 3
     view.update(1)

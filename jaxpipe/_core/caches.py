@@ -62,7 +62,7 @@ class WeakValueCache(Generic[V]):
         if key is None:
             return None
         try:
-            return self._values.get(key)
+            return self._values.get(_Hashed(key))
         except TypeError:  # an unhashable part
             return None
 
@@ -71,7 +71,7 @@ class WeakValueCache(Generic[V]):
         if key is None:
             return
         try:
-            self._values[key] = value
+            self._values[_Hashed(key)] = value
         except TypeError:  # unhashable key, or a value without weak references
             return
         while len(self._values) > self.maxsize:  # the oldest still alive goes first
@@ -85,6 +85,21 @@ class WeakValueCache(Generic[V]):
 
     def __len__(self) -> int:
         return len(self._values)
+
+
+class _Hashed:
+    """A key with its hash computed once: a weak value's removal at interpreter exit hashes no live code."""
+
+    __slots__ = ("hash", "key")
+
+    def __init__(self, key: Hashable) -> None:
+        self.key, self.hash = key, hash(key)
+
+    def __hash__(self) -> int:
+        return self.hash
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Hashed) and self.hash == other.hash and self.key == other.key
 
 
 class WeakKeyCache(Generic[V]):

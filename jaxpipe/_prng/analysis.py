@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import itertools
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -14,7 +14,7 @@ import numpy as np
 from jaxpipe._prng.nodes import KeyNode, KeyReuse
 from jaxpipe._prng.rules import CALLS, FOLDABLE, IDENTITY, MOVES, numpy_op, operand_roles
 from jaxpipe._prng.source import api_name, file_label, flax_param, library_dirs
-from jaxpipe._prng.uses import ADVICE, REUSE_KINDS, Use, Where
+from jaxpipe._prng.uses import ADVICE, REUSE_KINDS, Use, Where, impl_name, index_text, iteration_note
 from jaxpipe._prng.values import Abs, Context, Elem, key_elements
 
 _MAX_CONCRETE = 4096  # elements: larger integer data is followed by identity, not value
@@ -77,7 +77,7 @@ class Analysis:
             rows = a.value.reshape(-1, 2)
             for i, row in enumerate(rows):
                 index = np.unravel_index(i, a.value.shape[:-1]) if a.value.ndim > 1 else ()
-                self._data_labels.setdefault(row.tobytes(), path + _index_text(index))
+                self._data_labels.setdefault(row.tobytes(), path + index_text(index))
         return a
 
     def const(self, value: Any) -> Abs:
@@ -99,7 +99,7 @@ class Analysis:
         out = np.empty(keys.shape, object)
         for i, row in enumerate(data):
             index = np.unravel_index(i, keys.shape) if keys.shape else ()
-            node = self._root(("data", impl, row.tobytes()), path + _index_text(index), detail)
+            node = self._root(("data", impl, row.tobytes()), path + index_text(index), detail)
             out[index] = Elem([(node, frozenset())])
         return out
 
@@ -177,7 +177,7 @@ class Analysis:
 
     def seed(self, eqn: Any, ins: list[Abs], ctx: Context) -> list[Abs]:
         where, (seeds,) = self.where(ctx), ins
-        impl = _impl_name(eqn.params["impl"])
+        impl = impl_name(eqn.params["impl"])
         shape = eqn.invars[0].aval.shape
         out = np.empty(shape, object)
         for flat, index in enumerate(np.ndindex(shape)):
@@ -190,7 +190,7 @@ class Analysis:
     def wrap(self, eqn: Any, ins: list[Abs], ctx: Context) -> list[Abs]:
         """``random_wrap``: raw key data (legacy keys) becomes a typed key."""
         (data,), shape = ins, eqn.outvars[0].aval.shape
-        impl = _impl_name(eqn.params["impl"])
+        impl = impl_name(eqn.params["impl"])
         out = np.empty(shape, object)
         for flat, index in enumerate(np.ndindex(shape)):
             elem = data.keys[index] if data.keys is not None else None
@@ -211,7 +211,7 @@ class Analysis:
         else:
             memo = ("data", impl, self.element_token(data, shape, flat))
             if data.token in self._labels:
-                label = self._labels[data.token] + _index_text(index)
+                label = self._labels[data.token] + index_text(index)
                 return self._root(memo, label, "argument (legacy key data)")
         where = self.where(ctx)
         return self._root(memo, "key data", f"wrapped by {where.api or 'random_wrap'}", where, ctx.note)
@@ -247,7 +247,7 @@ class Analysis:
                     split = KeyNode("split", label, detail, where.location, ctx.note)
                     self.use(node, Use("split", where.api or "split", where, ctx.note, ctx.tag | tag), split)
                     for child in np.ndindex(shape):
-                        split._add(KeyNode("index", _index_text(child) or "[]", note=ctx.note))
+                        split._add(KeyNode("index", index_text(child) or "[]", note=ctx.note))
                     parts.append((split, tag))
                 for i, child in enumerate(np.ndindex(shape)):
                     children[child] = Elem([(split.children[i], tag) for split, tag in parts])
@@ -453,7 +453,7 @@ class Analysis:
         runs = min(length, 2)
         for t in range(runs):
             i = length - 1 - t if p["reverse"] else t
-            sub = ctx if t == 0 else ctx.iteration(_iteration_note(where, "jax.lax.scan"))
+            sub = ctx if t == 0 else ctx.iteration(iteration_note(where, "jax.lax.scan"))
             outs = self.call(p["jaxpr"], [*consts, *carry, *(self._take(x, i) for x in xs)], sub)
             carry, ys[i] = outs[:carry_n], outs[carry_n:]
         if runs < length:
@@ -480,7 +480,7 @@ class Analysis:
         cond_consts, body_consts, carry = ins[:cond_n], ins[cond_n : cond_n + body_n], ins[cond_n + body_n :]
         where = self.where(ctx)
         for t in range(2):
-            sub = ctx if t == 0 else ctx.iteration(_iteration_note(where, "jax.lax.while_loop"))
+            sub = ctx if t == 0 else ctx.iteration(iteration_note(where, "jax.lax.while_loop"))
             self.call(p["cond_jaxpr"], [*cond_consts, *carry], sub)
             carry = self.call(p["body_jaxpr"], [*body_consts, *carry], sub)
         return [Abs(next(self._fresh), keys=a.keys) for a in carry]
@@ -587,16 +587,3 @@ def _small_int(aval: Any) -> bool:
         and np.dtype(dtype).kind in "biu"
         and int(np.prod(aval.shape, dtype=int)) <= _MAX_CONCRETE
     )
-
-
-def _impl_name(impl: Any) -> str:
-    return str(getattr(impl, "name", impl))
-
-
-def _index_text(index: Sequence[Any]) -> str:
-    return f"[{', '.join(str(int(i)) for i in index)}]" if len(index) else ""
-
-
-def _iteration_note(where: Where, default: str) -> str:
-    loop = where.api or default
-    return f"2nd iteration of {loop}" + (f" at {where.location}" if where.location else "")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
+from typing import Any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,3 +73,19 @@ ADVICE = {
         "the key's own draws. Derive keys from it one way only: fold_in, or one split, or one draw."
     ),
 }
+
+
+# --- how keys and places read ----------------------------------------------------------
+
+
+def impl_name(impl: Any) -> str:
+    return str(getattr(impl, "name", impl))
+
+
+def index_text(index: Sequence[Any]) -> str:
+    return f"[{', '.join(str(int(i)) for i in index)}]" if len(index) else ""
+
+
+def iteration_note(where: Where, default: str) -> str:
+    loop = where.api or default
+    return f"2nd iteration of {loop}" + (f" at {where.location}" if where.location else "")

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import jax
 import numpy as np
 
+from jaxpipe._core import caches
 from jaxpipe._core.fold import fold
 from jaxpipe._core.protocol import PipelineLike
 from jaxpipe._core.stage import Stage, StageContext
@@ -18,7 +18,7 @@ from jaxpipe._training.data import check_arrays
 from jaxpipe.errors import PipelineError
 
 
-@functools.lru_cache(maxsize=8)  # one compiled evaluator per pipeline, not one per epoch
+@caches.bounded(8)  # one compiled evaluator per pipeline, not one per epoch
 def evaluator(pipe: PipelineLike) -> Callable[[TrainState, Any], dict[str, Any]] | None:
     """A jitted ``(state, batch) -> metrics`` from the last stage that can evaluate.
 

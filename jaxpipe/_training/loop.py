@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxpipe._core import caches
 from jaxpipe._core.protocol import PipelineLike
 from jaxpipe._core.run import FitRun, metrics_of
 from jaxpipe._core.steps import scan_steps, stacks_batches
@@ -53,6 +54,7 @@ class Measured:
         self.single: collections.OrderedDict[Any, float] = collections.OrderedDict()
         self.loop: dict[Any, float] = {}
         self.size = size
+        caches.register(self.clear)
 
     def remember_single(self, key: Any, seconds: float) -> None:
         self.single[key] = seconds

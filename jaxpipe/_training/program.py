@@ -21,13 +21,13 @@ step.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from jaxpipe._core import caches
 from jaxpipe._core.fold import fold, rejected
 from jaxpipe._core.protocol import PipelineLike
 from jaxpipe._core.stage import Stage, StageContext
@@ -43,7 +43,7 @@ def _probe(*args: Any) -> Any:  # a function to see whether a stage leaves its i
 PASSED_JIT_OPTIONS = frozenset({"keep_unused", "inline", "compiler_options"})
 
 
-@functools.lru_cache(maxsize=32)  # one wrapped step per pipeline, as the compiled program is
+@caches.bounded(32)  # one wrapped step per pipeline, as the compiled program is
 def step_function(pipe: PipelineLike) -> Callable[..., Any] | None:
     """The pipeline's one training step, not jitted: all stages but ``.scan`` and ``.jit``.
 
@@ -156,7 +156,7 @@ def _row(metrics: dict[str, Any], names: list[str]) -> tuple[jax.Array, jax.Arra
     return row, finite
 
 
-@functools.lru_cache(maxsize=32)
+@caches.bounded(32)
 def program(
     pipe: PipelineLike,
     codec: KeyCodec,
@@ -251,7 +251,7 @@ def program(
     return Program(jax.jit(run, donate_argnums=(0,), **jit_options(pipe)), names)
 
 
-@functools.lru_cache(maxsize=8)
+@caches.bounded(8)
 def _order_fn(size: int) -> Callable[[jax.Array, int], jax.Array]:
     return jax.jit(lambda key, epoch: jax.random.permutation(jax.random.fold_in(key, epoch), size))
 
