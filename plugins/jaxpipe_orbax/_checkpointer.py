@@ -142,7 +142,7 @@ class Checkpointer:
         Not after a failed step (``run.error_in_step``): its state may be wrong.
         After an error in user code (a hook, a display) the state is good and is saved.
         """
-        good = run.error is None or not getattr(run, "error_in_step", True)
+        good = run.error is None or not run.error_in_step
         try:
             if good and not self._failed and run.step != self._saved_step:
                 self._save(run.pipeline, state, run)
