@@ -18,6 +18,7 @@ from jaxpipe._stages.builtins import BUILTIN_STAGES
 from jaxpipe._tools import diagnose, inspection, spec
 from jaxpipe._training import fit as training_fit
 from jaxpipe._training import init as training_init
+from jaxpipe._training import predict as training_predict
 from jaxpipe.errors import PipelineError, PipelineTypeError, error_type
 
 _P = ParamSpec("_P")
@@ -501,6 +502,18 @@ class Pipeline:
     # types and docstrings come from there (for `help`, `inspect.signature`, mypy), so a new one needs no edit here.
     init = _method_of(training_init.init, "init")
     fit = _method_of(training_fit.fit, "fit")
+
+    def predict(self, state: Any, data: Any, batch_size: int | None = None) -> Any:
+        """The model's outputs on ``data`` in evaluation mode, from ``state``'s parameters.
+
+        ``data`` is a dict of arrays, one row per example along axis 0, or one
+        array for the model's one input (``.model(m, input="image")``). Runs a
+        jitted step of the last stage that can predict (``.model``) on
+        ``batch_size`` examples at a time (None: all at once) and concatenates
+        the outputs (a pytree of outputs leaf by leaf); a last, smaller batch
+        is run as it is, so no row is dropped.
+        """
+        return training_predict.predict(self, state, data, batch_size)
 
     def save(self, state: Any) -> bool:
         """Saves ``state`` through this pipeline's ``.checkpoint()`` stage, for a step loop written by hand.

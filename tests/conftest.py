@@ -59,6 +59,7 @@ MODULE_MARKS = {
     "test_data_parallel.py": ("slow",),
     "test_flax_plugin.py": ("slow",),
     "test_beyond_mean_loss.py": ("slow",),
+    "test_model_kinds.py": ("slow",),
     "test_grain.py": ("slow", "multiprocess"),
     "test_stop_kernel.py": ("slow",),
     "test_readme.py": ("slow",),

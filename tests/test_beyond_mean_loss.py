@@ -392,7 +392,7 @@ def dp_batch(mnist):
 def test_per_example_gradients_reproduce_optax_dpsgd_example(dp_batch):
     _, params = init_random_params(jax.random.PRNGKey(1337), (-1, 28, 28, 1))
     tx = dpsgd()
-    trainer = Pipeline(dp_loss).optimize(tx, per_example=True).jit()
+    trainer = Pipeline(dp_loss).optimize(tx, per_example=True, metrics=("grad_norm",)).jit()
     state = trainer.init(jax.random.key(0), dp_batch, params=params)
 
     @jax.jit

@@ -36,7 +36,7 @@ def data():
 
 @pytest.fixture(scope="module")
 def trainer():
-    return Pipeline(linear_loss).optimize(optax.sgd(0.05)).jit()
+    return Pipeline(linear_loss).optimize(optax.sgd(0.05), metrics=("grad_norm",)).jit()
 
 
 @pytest.fixture(scope="module")

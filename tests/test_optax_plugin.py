@@ -82,7 +82,7 @@ def assert_trees_equal(a, b):
 def contract(batch):
     """The issue's trainer: a Linen model, clipping and AdamW with warmup and cosine decay, jit."""
     model, tx = MLP(), chain()
-    trainer = Pipeline(loss).model(model, input="image").optimize(tx).jit()
+    trainer = Pipeline(loss).model(model, input="image").optimize(tx, metrics=("grad_norm", "learning_rate")).jit()
     return model, tx, trainer, trainer.init(jax.random.key(0), batch)
 
 
@@ -102,7 +102,7 @@ def test_step_is_the_hand_written_step(contract, batch):
 
 def test_plain_loss_without_model(regression):
     tx = optax.sgd(0.1)
-    trainer = Pipeline(linear_loss).optimize(tx).jit()
+    trainer = Pipeline(linear_loss).optimize(tx, metrics=("grad_norm",)).jit()
     params = {"w": jnp.zeros(3), "b": jnp.zeros(())}
     state = trainer.init(jax.random.key(0), regression, params=params)
     new, metrics = trainer(state, regression)
@@ -124,7 +124,7 @@ def test_aux_metrics_are_carried(regression):
         errors = batch["x"] @ params["w"] + params["b"] - batch["y"]
         return jnp.mean(errors**2), {"max_error": jnp.max(jnp.abs(errors))}
 
-    trainer = Pipeline(loss_with_metrics).optimize(optax.sgd(0.1)).jit()
+    trainer = Pipeline(loss_with_metrics).optimize(optax.sgd(0.1), metrics=("grad_norm",)).jit()
     params = {"w": jnp.ones(3), "b": jnp.zeros(())}
     state = trainer.init(jax.random.key(0), regression, params=params)
     _, metrics = trainer(state, regression)

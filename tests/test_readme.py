@@ -65,7 +65,8 @@ def test_every_python_block_of_the_readme_runs_in_order(tmp_path: Path, monkeypa
             continue
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # third-party deprecations are not the README's
-            exec(compile(code, f"README.md:{line}", "exec"), namespace)
+            # dont_inherit: a block runs as pasted, without this file's `from __future__ import annotations`
+            exec(compile(code, f"README.md:{line}", "exec", dont_inherit=True), namespace)
         if "print(jaxpipe.evaluate(trainer, state, test))" in code:  # the training example must train well
             import jaxpipe
 

@@ -62,7 +62,11 @@ def schedule(step):
 
 def test_scalars_read_back_with_tensorboard_are_the_run_history(data, tmp_path):
     runs = Runs()
-    pipe = Pipeline(linear_loss).optimize(optax.sgd(schedule), learning_rate=schedule).jit()
+    pipe = (
+        Pipeline(linear_loss)
+        .optimize(optax.sgd(schedule), learning_rate=schedule, metrics=("grad_norm", "learning_rate"))
+        .jit()
+    )
     state = pipe.init(jax.random.key(0), data, params={"w": jnp.zeros(3)})
     board = jaxpipe.TensorBoard(tmp_path / "logs")
     pipe.fit(state, data, epochs=3, batch_size=8, eval_data=data, log_every=4, hooks=[board, runs], progress=False)

@@ -240,7 +240,8 @@ def train(pipe, data, hooks, capsys):
 
 def test_dashboard_replaces_the_progress_bar_and_plots_the_history(data, capsys):
     board = KeptDashboard()
-    state, captured = train(Pipeline(linear_loss).optimize(optax.sgd(0.05)).jit(), data, [board], capsys)
+    pipe = Pipeline(linear_loss).optimize(optax.sgd(0.05), metrics=("grad_norm",)).jit()
+    state, captured = train(pipe, data, [board], capsys)
     view = board.view
     assert int(state.step) == 24 and "step/s]" not in captured.err  # no tqdm bar beside the dashboard
     assert view.progress.value == view.progress.max == 24

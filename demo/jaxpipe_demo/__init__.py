@@ -207,7 +207,13 @@ def training(out: Path, quick: bool = False) -> float | None:
     schedule = optax.warmup_cosine_decay_schedule(0.0, 3e-3, 30, steps)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule))
     model = _mlp()
-    step = Pipeline(loss).model(model, input="image").optimize(tx, learning_rate=schedule)  # the training step
+    step = (
+        Pipeline(loss)
+        .model(model, input="image")
+        .optimize(  # the training step
+            tx, learning_rate=schedule, metrics=("grad_norm", "learning_rate")
+        )
+    )
     trainer = step.jit().checkpoint(out / "checkpoints", every=SAVE_EVERY, keep=3)
     print(trainer)
     print("\nequivalent JAX:\n" + trainer.explain() + "\n")

@@ -60,6 +60,10 @@ class Training:
       evaluate: ``evaluate(fn, **options)`` returns ``(state, batch) -> metrics``
         for ``fit``'s eval set, where ``fn`` is the function this stage wraps;
         None leaves evaluation to an earlier stage.
+      predict: ``predict(fn, **options)`` returns ``(state, batch) -> outputs``,
+        the model's outputs in evaluation mode for ``Pipeline.predict``, where
+        ``fn`` is the function this stage wraps; None (or a None result) leaves
+        prediction to an earlier stage.
       run_hooks: ``run_hooks(options)`` returns an object with hook
         implementations registered while ``init``/``fit`` of a pipeline with
         this stage runs (e.g. a checkpoint manager).
@@ -73,6 +77,7 @@ class Training:
 
     init: Callable[..., Any] | None = None
     evaluate: Callable[..., Any] | None = None
+    predict: Callable[..., Any] | None = None
     run_hooks: Callable[[dict[str, Any]], object] | None = None
     outside_fit: str = ""
     period: Callable[[dict[str, Any]], int] | None = None

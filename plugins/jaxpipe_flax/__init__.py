@@ -11,6 +11,6 @@ import jaxpipe
 
 @jaxpipe.hookimpl
 def jaxpipe_register_stages() -> list[jaxpipe.StageKind]:
-    from jaxpipe_flax._model import MODEL
+    from jaxpipe_flax._stage import MODEL
 
     return [MODEL]

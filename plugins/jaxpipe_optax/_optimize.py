@@ -7,15 +7,16 @@ fresh dropout key split from the state's key. It works on a
 mutable collections) or on a plain loss ``(params, batch) -> loss`` or
 ``-> (loss, metrics)``.
 
-Two optional parts of a TrainLoss are used when present (``.model`` has
-both): ``step_keys(key, step, params, batch, model_state) -> (next key,
+Optional parts of a TrainLoss are used when present (``.model`` has them
+all): ``step_keys(key, step, params, batch, model_state) -> (next key,
 model keys)`` replaces the split (its own key scheme, and no key for a model
-that draws no random numbers), and a ``step`` parameter of ``train`` gets
-``state.step``.
+that draws no random numbers), a ``step`` parameter of ``train`` gets
+``state.step``, and ``explain_keys()`` is that scheme's line in ``explain()``.
 """
 
 from __future__ import annotations
 
+import difflib
 import inspect
 from collections.abc import Callable
 from typing import Any
@@ -56,24 +57,71 @@ def _check_state(state: Any) -> None:
         )
 
 
+# What `metrics=` may ask for, each computed only when asked (see `optimize`).
+METRICS = ("grad_norm", "update_norm", "param_norm", "learning_rate")
+
+
+def takes_key(loss: Callable[..., Any]) -> bool:
+    """Whether a plain loss asks for a key: a third positional parameter or a keyword parameter named ``key``."""
+    try:
+        params = list(inspect.signature(loss).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    P = inspect.Parameter
+    positional = [p for p in params if p.kind in (P.POSITIONAL_ONLY, P.POSITIONAL_OR_KEYWORD)]
+    third = len(positional) >= 3 and positional[2].name == "key"
+    return third or any(p.name == "key" and p.kind is P.KEYWORD_ONLY for p in params)
+
+
 def optimize(
-    loss: Callable[..., Any], tx: Any, *, learning_rate: Any = None, per_example: bool = False
+    loss: Callable[..., Any],
+    tx: Any,
+    *,
+    learning_rate: Any = None,
+    per_example: bool = False,
+    metrics: tuple[str, ...] = ("learning_rate",),
 ) -> Callable[..., Any]:
     """Makes the training step ``(state, batch) -> (state, metrics)`` with an Optax transformation.
 
-    ``tx`` is any ``optax.GradientTransformation`` (``optax.chain``,
-    ``optax.MultiSteps`` for gradient accumulation, ...). Metrics: ``loss``,
-    ``grad_norm`` (before clipping), ``learning_rate`` where the chain exposes
-    it (``optax.inject_hyperparams``) or as ``learning_rate(state.step)`` for a
-    schedule given here, and the loss's own metrics.
+    The step is the one every Flax + Optax tutorial writes: ``value_and_grad``
+    of the loss, ``tx.update``, ``optax.apply_updates``, fresh keys from
+    ``state.key``. The loss is what ``.model`` made (a module's loss, with its
+    keys and BatchNorm statistics), or a plain loss on parameters:
+    ``Pipeline(loss).optimize(optax.adam(1e-3))`` with
+    ``trainer.init(key, batch, params=params)``.
 
-    ``per_example=True`` gives ``tx`` per-example gradients, each leaf with a
-    leading batch axis, for transformations that clip or noise each example
-    (``optax.contrib.dpsgd``): as Optax's DP-SGD example does, each example is
-    run as a batch of one, ``jax.vmap(jax.grad(loss), in_axes=(None, 0))`` over
-    ``batch`` with an axis inserted at 1. Each example gets its own dropout
-    key; the loss and metrics are the means over examples; ``grad_norm`` is
-    the norm of the mean gradient.
+    Args:
+      tx: any ``optax.GradientTransformation`` (``optax.chain``,
+        ``optax.MultiSteps`` for gradient accumulation, ...), e.g.
+        ``.optimize(optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3)))``.
+      learning_rate: the schedule (a function of the step) or number given to
+        ``tx``, reported as the ``learning_rate`` metric:
+        ``.optimize(optax.adam(schedule), learning_rate=schedule)``. Without it
+        the learning rate is reported where the chain exposes it
+        (``optax.inject_hyperparams``).
+      per_example: gives ``tx`` per-example gradients, each leaf with a
+        leading batch axis, for transformations that clip or noise each example
+        (``optax.contrib.dpsgd``): as Optax's DP-SGD example does, each example
+        is run as a batch of one, ``jax.vmap(jax.grad(loss), in_axes=(None, 0))``
+        over ``batch`` with an axis inserted at 1. Each example gets its own
+        key; the loss and metrics are the means over examples; ``grad_norm``
+        is the norm of the mean gradient.
+        ``.optimize(optax.contrib.dpsgd(0.1, 1.0, 1.1, seed=0), per_example=True)``.
+      metrics: what the step reports besides ``loss`` and the loss's own
+        metrics, each computed only when asked, so a step pays for none it
+        does not report: ``"grad_norm"`` (the global norm of the gradient,
+        before ``tx``), ``"update_norm"`` (of ``tx``'s updates),
+        ``"param_norm"`` (of the new parameters) and ``"learning_rate"`` (where
+        known, see above; the default). E.g.
+        ``.optimize(tx, metrics=("grad_norm", "learning_rate"))``;
+        ``metrics=()`` reports the loss alone.
+
+    A plain loss may ask for a key, ``loss(params, batch, key)`` (the third
+    positional parameter, or a keyword parameter, named ``key``), for dropout
+    in a model it calls itself, e.g. an Equinox model:
+    ``jax.vmap(model)(x, key=jax.random.split(key, len(x)))``. Each step gives
+    it a fresh one, ``key, loss_key = jax.random.split(state.key)``, the
+    default scheme of ``.model``; evaluation gives it ``state.key``.
     """
     import optax
 
@@ -83,6 +131,7 @@ def optimize(
     train: Callable[..., Any] | None = loss.train if isinstance(loss, TrainLoss) else None
     keys = getattr(loss, "step_keys", None)  # the model's own key scheme (`.model(..., rng=...)`), if any
     wants_step = train is not None and "step" in inspect.signature(train).parameters
+    wants_key = train is None and takes_key(loss)
 
     def objective(params: Any, batch: Any, key: Any, model_state: Any, step: Any) -> Any:
         if train is not None:
@@ -91,7 +140,8 @@ def optimize(
                 if wants_step
                 else train(params, batch, key, model_state)
             )
-        value, metrics = loss_and_metrics(loss(params, batch), name, "optimize")
+        value = loss(params, batch, key=key) if wants_key else loss(params, batch)
+        value, metrics = loss_and_metrics(value, name, "optimize")
         return value, (metrics, model_state)
 
     def gradients(state: TrainState, batch: Any, key: Any) -> Any:
@@ -109,26 +159,32 @@ def optimize(
     def train_step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, jax.Array]]:
         _check_state(state)
         if train is None:
-            key, dropout_key = state.key, None
+            key, dropout_key = jax.random.split(state.key) if wants_key else (state.key, None)
         elif keys is not None:
             key, dropout_key = keys(state.key, state.step, state.params, batch, state.model_state)
         else:
             key, dropout_key = jax.random.split(state.key)
-        (value, (metrics, model_state)), grads = gradients(state, batch, dropout_key)
+        (value, (aux, model_state)), grads = gradients(state, batch, dropout_key)
         updates, opt_state = _update(tx, grads, state, per_example)
         params = optax.apply_updates(state.params, updates)
-        mean_grads = jax.tree.map(lambda g: g.mean(0), grads) if per_example else grads
-        metrics = {**metrics, "loss": value, "grad_norm": optax.tree.norm(mean_grads)}
-        if learning_rate is not None:
-            metrics["learning_rate"] = learning_rate(state.step) if callable(learning_rate) else learning_rate
-        else:
-            injected = _injected_learning_rate(opt_state)
-            if injected is not None:
-                metrics["learning_rate"] = injected
+        out = {**aux, "loss": value}
+        if "grad_norm" in metrics:
+            out["grad_norm"] = optax.tree.norm(jax.tree.map(lambda g: g.mean(0), grads) if per_example else grads)
+        if "update_norm" in metrics:
+            out["update_norm"] = optax.tree.norm(updates)
+        if "param_norm" in metrics:
+            out["param_norm"] = optax.tree.norm(params)
+        if "learning_rate" in metrics:
+            if learning_rate is not None:
+                out["learning_rate"] = learning_rate(state.step) if callable(learning_rate) else learning_rate
+            else:
+                injected = _injected_learning_rate(opt_state)
+                if injected is not None:
+                    out["learning_rate"] = injected
         new_state = state.replace(
             step=state.step + 1, params=params, opt_state=opt_state, key=key, model_state=model_state
         )
-        return new_state, metrics
+        return new_state, out
 
     return train_step
 
@@ -220,6 +276,21 @@ def _check(ctx: StageContext, options: dict[str, Any]) -> None:
             f"`learning_rate` is what the step reports as its learning rate: a schedule (a function of the "
             f"step) or a number, got {lr!r}.\nPass the schedule you gave the optimizer."
         )
+    asked = options.get("metrics", ("learning_rate",))
+    if isinstance(asked, str) or not isinstance(asked, (tuple, list)):
+        raise TypeError(
+            f"`metrics` is a tuple of the metrics to report, some of {METRICS}, got {asked!r}.\n"
+            f"For example .optimize(tx, metrics=('grad_norm', 'learning_rate'))."
+        )
+    unknown = [name for name in asked if name not in METRICS]
+    if unknown:
+        close = difflib.get_close_matches(str(unknown[0]), METRICS, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(
+            f"`metrics` names {unknown[0]!r}, which `.optimize()` does not compute.{hint}\n"
+            f"It computes {', '.join(METRICS)} (each only when asked); the loss and the loss's own metrics "
+            f"are always reported."
+        )
 
 
 def _init(state: TrainState, key: jax.Array, batch: Any, tx: Any, **options: Any) -> TrainState:
@@ -238,23 +309,37 @@ def _evaluate(loss: Callable[..., Any], tx: Any, **options: Any) -> Callable[...
     if isinstance(loss, TrainLoss):
         return None  # the model stage evaluates, with accuracy
     name = getattr(loss, "__name__", type(loss).__name__)
+    wants_key = takes_key(loss)
 
     def evaluate(state: TrainState, batch: Any) -> dict[str, jax.Array]:
-        value, metrics = loss_and_metrics(loss(state.params, batch), name, "optimize")
+        value = loss(state.params, batch, key=state.key) if wants_key else loss(state.params, batch)
+        value, metrics = loss_and_metrics(value, name, "optimize")
         return {**metrics, "loss": value}
 
     return evaluate
 
 
 def _explain(ctx: StageContext, inner: str, options: dict[str, Any]) -> tuple[str, str]:
-    with_model = isinstance(ctx.wrapped(), TrainLoss)  # a model stage before: train with its key and state
+    wrapped = ctx.wrapped()
+    with_model = isinstance(wrapped, TrainLoss)  # a model stage before: train with its key and state
+    explain_keys = getattr(wrapped, "explain_keys", None)  # the model's own key scheme, as it runs
+    key_line = (
+        explain_keys() if with_model and callable(explain_keys) else "key, dropout_key = jax.random.split(state.key)"
+    )
+    keyed = not with_model and takes_key(wrapped)  # a plain loss that asks for a key
     if with_model:
         grads = (
-            "    key, dropout_key = jax.random.split(state.key)\n"
+            f"    {key_line}\n"
             f"    (value, (metrics, model_state)), grads = jax.value_and_grad({inner}, has_aux=True)(\n"
             "        state.params, batch, dropout_key, state.model_state)\n"
         )
         replace = "params=params, opt_state=opt_state, key=key, model_state=model_state"
+    elif keyed:
+        grads = (
+            "    key, loss_key = jax.random.split(state.key)\n"
+            f"    value, grads = jax.value_and_grad({inner})(state.params, batch, key=loss_key)\n"
+        )
+        replace = "params=params, opt_state=opt_state, key=key"
     else:
         grads = f"    value, grads = jax.value_and_grad({inner})(state.params, batch)\n"
         replace = "params=params, opt_state=opt_state"
@@ -263,34 +348,47 @@ def _explain(ctx: StageContext, inner: str, options: dict[str, Any]) -> tuple[st
             args = "state.params, examples, jax.random.split(dropout_key, n), state.model_state"
             axes = "(None, 0, 0, None)"
             aux = "(values, (metrics, model_state))"
+        elif keyed:
+            args, axes, aux = "state.params, examples, jax.random.split(loss_key, n)", "(None, 0, 0)", "values"
         else:
             args, axes, aux = "state.params, examples", "(None, 0)", "values"
         grads = (
-            ("    key, dropout_key = jax.random.split(state.key)\n" if with_model else "")
+            (
+                f"    {key_line}\n"
+                if with_model
+                else "    key, loss_key = jax.random.split(state.key)\n"
+                if keyed
+                else ""
+            )
             + "    examples = jax.tree.map(lambda x: x[:, None], batch)  # each example a batch of one\n"
-            + ("    n = len(batch[next(iter(batch))])\n" if with_model else "")
+            + ("    n = len(batch[next(iter(batch))])\n" if with_model or keyed else "")
             + f"    {aux}, grads = jax.vmap(jax.value_and_grad({inner}{', has_aux=True' if with_model else ''}), "
             f"in_axes={axes})(\n        {args})  # per-example gradients\n"
             + "    value = values.mean()\n"
             + ("    metrics, model_state = jax.tree.map(jnp.mean, metrics), state.model_state\n" if with_model else "")
         )
+    asked = options.get("metrics", ("learning_rate",))
     norm = "jax.tree.map(lambda g: g.mean(0), grads)" if options.get("per_example") else "grads"
+    extra = ""
+    for name, value in (("grad_norm", norm), ("update_norm", "updates"), ("param_norm", "params")):
+        if name in asked:
+            extra += f'    metrics["{name}"] = optax.tree.norm({value})\n'
     lr = options.get("learning_rate")
-    if lr is not None:
+    if "learning_rate" not in asked:
+        pass
+    elif lr is not None:
         value = f"{getattr(lr, '__name__', 'schedule')}(state.step)" if callable(lr) else repr(lr)
-        lr_line = f'    metrics["learning_rate"] = {value}\n'
+        extra += f'    metrics["learning_rate"] = {value}\n'
     elif _exposes_learning_rate(options["tx"]):
-        lr_line = '    metrics["learning_rate"] = optax.tree_utils.tree_get(opt_state, "learning_rate")\n'
-    else:
-        lr_line = ""
+        extra += '    metrics["learning_rate"] = optax.tree_utils.tree_get(opt_state, "learning_rate")\n'
     code = (
         "tx = ...  # the Optax transformation given to .optimize()\n\n"
         "def train_step(state, batch):\n"
         f"{grads}"
         "    updates, opt_state = tx.update(grads, state.opt_state, state.params)\n"
         "    params = optax.apply_updates(state.params, updates)\n"
-        f'    metrics = {{{"**metrics, " if with_model else ""}"loss": value, "grad_norm": optax.tree.norm({norm})}}\n'
-        f"{lr_line}"
+        f'    metrics = {{{"**metrics, " if with_model else ""}"loss": value}}\n'
+        f"{extra}"
         f"    return state.replace(step=state.step + 1, {replace}), metrics"
     )
     return code, "train_step"
@@ -310,5 +408,4 @@ OPTIMIZE = StageKind(
     check=_check,
     explain=_explain,
     training=Training(init=_init, evaluate=_evaluate),
-    doc="Training step with an Optax transformation: value_and_grad, tx.update, optax.apply_updates.",
 )
