@@ -163,7 +163,6 @@ def test_check_evaluate_args(data: Any, batch_size: Any, builtin: type, expected
 # --- wired into fit and evaluate (by the training loop's owner) ------------------------------------
 
 
-@pytest.mark.xfail(reason="checks.check_evaluate_args not yet called by evaluate", strict=False)
 @pytest.mark.parametrize("batch_size", [2.5, "8", -1, 0])
 def test_evaluate_checks_its_arguments(batch_size: Any) -> None:
     trainer = Pipeline(linear_loss).then(OPTIMIZER)
@@ -171,7 +170,6 @@ def test_evaluate_checks_its_arguments(batch_size: Any) -> None:
         jaxpipe.evaluate(trainer, _state(0), DATA, batch_size)
 
 
-@pytest.mark.xfail(reason="checks.check_evaluate_args not yet called by evaluate", strict=False)
 @pytest.mark.parametrize("state, data", [(None, DATA), ("state", None), ("state", [DATA["x"]])])
 def test_evaluate_checks_its_state_and_data(state: Any, data: Any) -> None:
     trainer = Pipeline(linear_loss).then(OPTIMIZER)
@@ -179,7 +177,6 @@ def test_evaluate_checks_its_state_and_data(state: Any, data: Any) -> None:
         jaxpipe.evaluate(trainer, _state(0) if state == "state" else state, data)
 
 
-@pytest.mark.xfail(reason="checks.check_state / check_batch_dtypes not yet called by fit", strict=False)
 @pytest.mark.usefixtures("first_party_plugins")
 def test_fit_checks_the_state_and_the_data() -> None:
     optax = pytest.importorskip("optax")

@@ -368,11 +368,11 @@ def test_evaluate_with_other_params_and_bad_arguments(data):
     ]:
         with pytest.raises(PipelineError, match=message):
             jaxpipe.evaluate(trainer, state, data, **bad)
-    with pytest.raises(PipelineError, match=r"`data` must be a dict of arrays.*got NoneType"):
+    with pytest.raises(PipelineError, match=r"`evaluate` needs `data` as a dict of arrays.*got NoneType"):
         jaxpipe.evaluate(trainer, state, None)
-    with pytest.raises(PipelineError, match=r"`data` is a list of 2 arrays"):
+    with pytest.raises(PipelineError, match=r"`evaluate` needs `data` as a dict of arrays, got list of 2 arrays"):
         jaxpipe.evaluate(trainer, state, [data["x"], data["y"]])
-    with pytest.raises(PipelineError, match=r"needs the TrainState to evaluate, got NoneType"):
+    with pytest.raises(PipelineError, match=r"`evaluate` needs the training state as `state`, got NoneType"):
         jaxpipe.evaluate(trainer, None, data)
 
 

@@ -106,8 +106,18 @@ def test_events_are_on_disk_at_each_epoch_end_and_when_stopped(data, tmp_path):
     hooks = [board, runs, probe, StopAt()]
     state = pipe.fit(state, data, epochs=3, batch_size=8, log_every=100, hooks=hooks, progress=False)
     assert int(state.step) == 13
-    assert [step for step, _ in probe.seen["loss"]] == list(range(1, 9))  # epoch 1, flushed at its end
+    assert [step for step, _ in probe.seen["loss"]] == list(range(1, 9))  # flushed as read back: one call late
     assert scalars(tmp_path / "logs" / "train") == expected(runs.runs[0].history)  # all 13, flushed on stop
+
+
+def test_every_step_a_checkpoint_holds_is_on_disk_before_the_checkpoint_is_saved(data, tmp_path):
+    """A run killed right after a save and resumed from it loses no step of its curves (none missing for good)."""
+    probe = ReadAtStep(tmp_path / "logs" / "train", at=6)
+    pipe = Pipeline(linear_loss).optimize(optax.sgd(0.05)).jit().checkpoint(str(tmp_path / "ckpt"), every=6)
+    state = pipe.init(jax.random.key(0), data, params={"w": jnp.zeros(3)})
+    hooks = [jaxpipe.TensorBoard(tmp_path / "logs"), probe]
+    pipe.fit(state, data, epochs=2, batch_size=8, log_every=100, hooks=hooks, progress=False)
+    assert [step for step, _ in probe.seen["loss"]] == list(range(1, 7))  # the checkpoint's step and all before
 
 
 def test_a_run_resumed_after_a_crash_shows_each_step_once(data, tmp_path):

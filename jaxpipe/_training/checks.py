@@ -9,7 +9,7 @@ A wrong type is a :class:`~jaxpipe.errors.PipelineTypeError` (also a
 from __future__ import annotations
 
 import operator
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import jax
@@ -106,12 +106,20 @@ def check_batch_size(batch_size: Any, *, argument: str = "batch_size", call: str
 
 
 def check_evaluate_args(state: Any, data: Any, batch_size: Any) -> None:
-    """``evaluate(pipe, state, data, batch_size)``'s arguments; call it first in ``evaluate``."""
+    """``evaluate(pipe, state, data, batch_size)``'s arguments; called first in ``evaluate``."""
     check_state(state, call="evaluate")
-    if not isinstance(data, Mapping):
+    example = "For example jaxpipe.evaluate(trainer, state, {'image': x_test, 'label': y_test}, batch_size=256)."
+    if data is None or isinstance(data, (str, bytes)) or not (isinstance(data, (Mapping, Iterable)) or callable(data)):
         raise PipelineTypeError(
-            f"`evaluate` needs `data` as a dict of arrays with one row per example, got {_shown(data)}.\n"
-            f"For example jaxpipe.evaluate(trainer, state, {{'image': x_test, 'label': y_test}}, batch_size=256)."
+            f"`evaluate` needs `data` as a dict of arrays (one row per example), an iterable of batches or a "
+            f"function returning one, got {_shown(data)}.\n{example}"
         )
-    check_batch_dtypes(data)
+    if isinstance(data, (list, tuple)) and data and all(hasattr(x, "shape") for x in data):
+        raise PipelineTypeError(
+            f"`evaluate` needs `data` as a dict of arrays, got {type(data).__name__} of {len(data)} arrays "
+            f"(a list is read as batches, so each array would be a batch of its own).\n"
+            f"Put the arrays in a dict, named as the loss reads them: {{'image': X, 'label': Y}}. {example}"
+        )
+    if isinstance(data, Mapping):
+        check_batch_dtypes(data)
     check_batch_size(batch_size)

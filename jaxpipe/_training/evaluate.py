@@ -14,6 +14,7 @@ from jaxpipe._core.protocol import PipelineLike
 from jaxpipe._core.stage import Stage, StageContext
 from jaxpipe._core.state import TrainLoss, TrainState
 from jaxpipe._training import grain
+from jaxpipe._training.checks import check_evaluate_args
 from jaxpipe._training.data import check_arrays
 from jaxpipe.errors import PipelineError
 
@@ -64,7 +65,7 @@ def evaluate(
       batch_size: examples per call for a dict of arrays; None: all at once.
       params: parameters to evaluate instead of ``state.params`` (e.g. an EMA).
     """
-    check_arguments(pipe, state, data, batch_size)
+    check_evaluate_args(state, data, batch_size)
     step = evaluator(pipe)
     if step is None:
         raise PipelineError(
@@ -95,32 +96,3 @@ def _batches(data: Any, batch_size: int | None) -> Iterator[Any]:
         return
     source = data() if callable(data) and not isinstance(data, Iterable) else data
     yield from grain.as_batches(source)
-
-
-def check_arguments(pipe: PipelineLike, state: Any, data: Any, batch_size: Any) -> None:
-    """Each bad argument of ``evaluate`` named, with what was given and a correct call."""
-    where: dict[str, Any] = {"pipeline": repr(pipe)}
-    if not isinstance(state, TrainState):
-        raise PipelineError(
-            f"`evaluate` needs the TrainState to evaluate, got {type(state).__name__}.\n"
-            f"For example jaxpipe.evaluate(trainer, state, {{'image': x_test, 'label': y_test}}).",
-            **where,
-        )
-    if batch_size is not None and not (
-        isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size >= 1
-    ):
-        raise PipelineError(
-            f"`batch_size` must be a positive int or None, got {batch_size!r}.\nFor example batch_size=256.", **where
-        )
-    if data is None or isinstance(data, (str, bytes)) or not (isinstance(data, (Mapping, Iterable)) or callable(data)):
-        raise PipelineError(
-            f"`data` must be a dict of arrays, an iterable of batches or a function returning one, "
-            f"got {type(data).__name__}.\nFor example jaxpipe.evaluate(trainer, state, {{'image': x, 'label': y}}).",
-            **where,
-        )
-    if isinstance(data, (list, tuple)) and data and all(hasattr(x, "shape") for x in data):
-        raise PipelineError(
-            f"`data` is a {type(data).__name__} of {len(data)} arrays; `evaluate` reads a list as batches.\n"
-            f"Put the arrays in a dict, named as the loss reads them: {{'image': X, 'label': Y}}.",
-            **where,
-        )

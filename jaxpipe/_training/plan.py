@@ -12,6 +12,7 @@ from typing import Any
 
 from jaxpipe._core.protocol import PipelineLike
 from jaxpipe._core.state import TrainState
+from jaxpipe._training import checks
 from jaxpipe._training import data as host_data
 from jaxpipe.errors import PipelineError
 
@@ -82,6 +83,7 @@ def make_plan(
             f"`fit` needs the TrainState from `init`, got {type(state).__name__}.\n"
             f"Call state = trainer.init(jax.random.key(0), sample_batch) first."
         )
+    checks.check_state(state)
     if steps is not None and epochs is not None:
         raise fail(
             f"`fit` takes `epochs` or `steps`, not both (got epochs={epochs!r}, steps={steps!r}).\n"
@@ -120,6 +122,7 @@ def make_plan(
             size = host_data.check_arrays(data, "training data")
         except PipelineError as err:
             raise fail(err.detail) from None
+        checks.check_batch_dtypes(data)
         if not positive_int(batch_size) or batch_size > size:
             raise fail(
                 f"`fit` on a dict of arrays needs `batch_size`, an int from 1 to the {size} examples in "
@@ -189,6 +192,7 @@ def _check_eval_data(eval_data: Any, fail: Callable[[str], PipelineError]) -> An
             host_data.check_arrays(eval_data, "eval data", argument="eval_data")
         except PipelineError as err:
             raise fail(err.detail) from None
+        checks.check_batch_dtypes(eval_data, argument="eval_data")
         return eval_data
     if callable(eval_data) or isinstance(eval_data, Iterable) and not isinstance(eval_data, (str, bytes)):
         if iter(eval_data) is eval_data if not callable(eval_data) else False:

@@ -33,7 +33,9 @@ class TensorBoard:
     them when the optimizer reports it) go to ``<logdir>/train``; eval metrics,
     without their ``eval_`` prefix, to ``<logdir>/eval``, so TensorBoard draws
     ``loss`` for both on one chart. Steps are the state's step; events are
-    flushed at each epoch's end and when ``fit`` ends, stopped or not. Across
+    flushed after each call's rows are written (before that call's
+    checkpoint, so a killed run resumed from it has every step it saved),
+    at each epoch's end and when ``fit`` ends, stopped or not. Across
     several processes only process 0 writes.
 
     Args:
@@ -84,11 +86,13 @@ class TensorBoard:
                 self._writer("eval").scalar(name.removeprefix("eval_"), value, int(row["step"]))
         self._rows, self._evals = len(run.history), len(run.eval_history)
 
-    @hookimpl
+    @hookimpl(tryfirst=True)  # before a checkpoint of this call is saved: no saved step is missing from the log
     def jaxpipe_fit_step(self, run: Any, state: Any, metrics: Any) -> None:
         del state, metrics  # written once fit has read them back
         if len(run.history) > self._rows:
             self._write(run)
+            for writer in self._writers.values():
+                writer.flush()  # a run killed now and resumed from a checkpoint loses no step of its curves
 
     @hookimpl
     def jaxpipe_fit_epoch_end(self, run: Any, state: Any, metrics: Any) -> None:
