@@ -156,7 +156,8 @@ class Loop:
             self._describe()
         ended = not run.stop_requested and self.nonfinite is None
         if ended and run.total_steps is None and run.step > run.start_step:  # the end of data of unknown length
-            self._evaluate_and_end_epoch(epoch_end=True)
+            evaluated = bool(run.eval_history) and run.eval_history[-1]["step"] == run.step
+            self._evaluate_and_end_epoch(epoch_end=True, evaluating=not evaluated)
 
     def close(self) -> None:
         if self.source is not None:
@@ -272,7 +273,7 @@ class Loop:
         self.readback.add(pending)
         self.bar.update(n)
         epoch_end = bool(run.steps_per_epoch and run.step % run.steps_per_epoch == 0) or run.step == run.total_steps
-        evaluating = self._evaluation_due(first, epoch_end)
+        evaluating = self._evaluation_due(first)
         crossing = self.step_hooks and any(p.crossed(first, run.step) for p in self.stage_periods)
         measuring = self._measuring(n)
         sync = self.mode == "host" and self.plan.guard
@@ -379,19 +380,18 @@ class Loop:
 
     # --- evaluation and epochs --------------------------------------------------------------
 
-    def _evaluation_due(self, first: int, epoch_end: bool) -> bool:
+    def _evaluation_due(self, first: int) -> bool:
         if self.plan.eval_data is None or self.plan.eval_every is None:
             return False
         return Period(self.plan.eval_every).crossed(first, self.run.step) or self.run.step == self.run.total_steps
 
-    def _evaluate_and_end_epoch(self, epoch_end: bool, evaluating: bool | None = None) -> None:
+    def _evaluate_and_end_epoch(self, epoch_end: bool, evaluating: bool) -> None:
+        """Evaluates when due (every ``eval_every`` steps, else at each epoch's end), then ends the epoch."""
         run, plan = self.run, self.plan
         self._read(keep_last=False)
         if self.nonfinite is not None:
             return
         state = self.state()
-        if evaluating is None:
-            evaluating = plan.eval_every is None
         metrics: dict[str, float] = {}
         if plan.eval_data is not None and (evaluating or (epoch_end and plan.eval_every is None)):
             scores = evaluate(self.pipe, state, plan.eval_data, plan.eval_batch_size)
