@@ -362,7 +362,7 @@ def test_evaluate_with_other_params_and_bad_arguments(data):
     assert got["w0"] == 1.0 and got["loss"] == pytest.approx(float(linear_loss(other, data)), rel=1e-6)
     for bad, message in [
         ({"batch_size": 2.5}, r"`batch_size` must be a positive int or None, got float 2.5"),
-        ({"batch_size": "8"}, r"got '8'"),
+        ({"batch_size": "8"}, r"got str '8'"),
         ({"batch_size": 0}, r"got 0"),
         ({"batch_size": -1}, r"got -1"),
     ]:
