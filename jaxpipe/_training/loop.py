@@ -87,6 +87,7 @@ class Loop:
         self.stacked = stacks_batches(pipe)  # e.g. .scan(k): the pipeline itself takes stacked batches
         explicit = scan_steps(pipe) if self.stacked else plan.steps_per_call
         self.k_reason = "set by .scan" if self.stacked else ("steps_per_call" if explicit else "auto")
+        self.k_note = ""  # why the measured k is what it is, when that is not obvious
         if explicit is None and callbacks.wants_every_step():
             explicit, self.k_reason = 1, "a hook sees every step"
         self.stage_periods = [
@@ -325,20 +326,15 @@ class Loop:
         loop = MEASURED.loop.get(self.measure_key)
         if loop is not None and loop > _LOOP_MARGIN * single:
             self.schedule.k, self.schedule.log_every = 1, 1
-            self.k_reason = (
-                f"auto: one step per call, faster here than {_ms(loop)} a step inside a loop "
-                f"(XLA:CPU runs e.g. convolutions slower in a loop body)"
-                if jax.default_backend() == "cpu"
-                else f"auto: one step per call, faster here than {_ms(loop)} a step inside a loop"
-            )
+            cause = " (XLA:CPU runs e.g. convolutions slower in a loop body)" if jax.default_backend() == "cpu" else ""
+            self.k_note = f": one step per call, faster here than {_ms(loop)} a step inside a loop{cause}"
             return
         self.schedule.measured(single, self.plan.log_every)
 
     def _describe(self) -> None:
         k = self.schedule.k
         per = "step" if k == 1 else "steps"
-        reason = self.k_reason if self.k_reason.startswith("auto:") else f"({self.k_reason})"
-        self.run.per_call = f"{k} {per} per call {reason}, {self.why}".replace(" auto:", " (auto):", 1)
+        self.run.per_call = f"{k} {per} per call ({self.k_reason}){self.k_note}, {self.why}"
         if self.own_bar and not getattr(self.bar, "disable", False):  # a supplied display shows run.per_call itself
             self.bar.write(f"fit: {self.run.per_call}")
 
