@@ -53,6 +53,7 @@ class Measured:
     def __init__(self, size: int = 64) -> None:
         self.single: collections.OrderedDict[Any, float] = collections.OrderedDict()
         self.loop: dict[Any, float] = {}
+        self.full_calls: collections.Counter[Any] = collections.Counter()  # full calls run, by key, until timed
         self.size = size
         caches.register(self.clear)
 
@@ -61,10 +62,12 @@ class Measured:
         while len(self.single) > self.size:
             old, _ = self.single.popitem(last=False)
             self.loop.pop(old, None)
+            self.full_calls.pop(old, None)
 
     def clear(self) -> None:
         self.single.clear()
         self.loop.clear()
+        self.full_calls.clear()
 
 
 MEASURED = Measured()
@@ -109,7 +112,6 @@ class Loop:
                 )
                 self.mode = "device" if on_device else "stream"
         self.calls = 0
-        self.full_calls = 0
         self.measure_key = (pipe, self.mode, run.batch_size, host_data.batch_signature(plan.data))
         self.timed: list[float] = []
         self.source: DeviceArrays | Streamed | None = None
@@ -202,7 +204,8 @@ class Loop:
             return PendingCall(first, Rows.as_returned(metrics, n), whole=n > 1)
         rows = n if self.mode == "device" else jax.tree.leaves(call.inputs)[0].shape[0]
         program, full = self._program(n, rows)
-        before = _copy(self._raw) if full and self.plan.guard else None  # see _replay
+        # A guarded full call does not donate its input: the state before it stays alive, at no copy, for _replay.
+        before = self._raw if full and self.plan.guard else None
         try:
             self._raw, self.ok, metric_rows = program.call(self._raw, self.ok, n, *call.inputs)
         except Exception as err:
@@ -245,6 +248,7 @@ class Loop:
             guard=self.plan.guard,
             static=static,
             single=single,
+            donate=not (static and self.plan.guard),
         )
 
     def _replay(self, before: Any, inputs: tuple[Any, ...], capacity: int) -> Callable[[int], None]:
@@ -253,7 +257,8 @@ class Loop:
         A full call (a ``scan`` of k steps) has no guard inside, so that it costs
         exactly its steps; it is rare that a row comes back non-finite, and then
         the ``good`` steps before it run again through the guarded program, from
-        a copy of the state kept before the call: the same steps, the same bits.
+        the state before the call (not donated to it, so kept without a copy):
+        the same steps, the same bits.
         """
 
         def replay(good: int) -> None:
@@ -315,8 +320,8 @@ class Loop:
                 self._choose_k()
                 self._describe()
             return
-        self.full_calls += 1
-        if self.full_calls == 2:
+        MEASURED.full_calls[self.measure_key] += 1  # the first compiles; the second (this run or a later) is timed
+        if MEASURED.full_calls[self.measure_key] >= 2:
             MEASURED.loop[self.measure_key] = _agreed(seconds / n)
             self._choose_k()
             self._describe()

@@ -168,6 +168,7 @@ def program(
     guard: bool,
     static: bool = False,
     single: bool = False,
+    donate: bool = True,
 ) -> Program:
     """The jitted ``(state, ok, n, source...) -> (state, ok, metrics)`` for ``pipe``.
 
@@ -176,7 +177,8 @@ def program(
     ``static``: exactly ``capacity`` steps in a ``jax.lax.scan`` (``n`` unused),
     for the full calls: a loop whose length XLA knows needs no host round trip
     per step on a GPU, and no guard (``fit`` replays a call that went
-    non-finite). ``single``: one step at the program's top level, no loop
+    non-finite; ``donate=False`` then leaves its input alive for that,
+    which costs no copy). ``single``: one step at the program's top level, no loop
     (``n`` unused): the plain jitted step, for calls of one step (XLA:CPU runs
     some steps, convolutions above all, far slower inside a loop). Otherwise a
     ``while_loop`` of ``n <= capacity`` steps (remainders, replays), which with
@@ -248,7 +250,8 @@ def program(
         _, ok, state, rows = jax.lax.while_loop(cond, body, (jnp.int32(0), ok, state, rows))
         return state, ok, rows
 
-    return Program(jax.jit(run, donate_argnums=(0,), **jit_options(pipe)), names)
+    donated = (0,) if donate else ()
+    return Program(jax.jit(run, donate_argnums=donated, **jit_options(pipe)), names)
 
 
 @caches.bounded(8)

@@ -50,7 +50,8 @@ class Schedule:
     def count(self, step: int) -> int:
         """Steps of the call that starts at ``step``."""
         n = self.k
-        if self.auto and n >= self.log_every:  # calls end on multiples of log_every
+        if self.auto and self.log_every <= n < self.capacity:  # calls end on multiples of log_every, unless whole
+            # epochs (or the whole run): then the metrics of every step come back at the epoch's end anyway
             end = (step + n) // self.log_every * self.log_every
             n = end - step if end > step else n
         if self.total is not None:
@@ -65,7 +66,7 @@ class Schedule:
         # A round number (1, 2, 5, 10, 20, 50, ...): the same k run after run, so streamed calls,
         # whose stacked batches have k rows, reuse one compiled program.
         k = min(max(v for v in _ROUND if v <= k), self.capacity)
-        if k >= log_every:
+        if log_every <= k < self.capacity:
             k -= k % log_every
         elif k < self.capacity:  # a whole epoch per call needs no rounding
             k = max(d for d in range(1, k + 1) if log_every % d == 0)
