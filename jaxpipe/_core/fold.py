@@ -77,3 +77,24 @@ def explain(pipe: PipelineLike) -> str:
 
     expression = fold(pipe, wrap, pipe.name, lambda stage, err: f"explaining `.{stage.name}()` failed: {err}")
     return "\n\n".join([*definitions, expression])
+
+
+def last_role(pipe: PipelineLike, role: str, doing: str) -> Callable[..., Any] | None:
+    """What the last training stage with role ``role`` (``"evaluate"``, ``"predict"``) makes of the function it wraps.
+
+    Each such stage's ``Training.<role>(fn, **options)`` is given the function
+    as the stages before it left it; one may return None to leave the role to
+    an earlier stage. ``doing`` names the work in errors ("making the
+    evaluation step").
+    """
+    found: Callable[..., Any] | None = None
+
+    def note(fn: Callable[..., Any], stage: Stage, ctx: StageContext) -> Callable[..., Any]:
+        nonlocal found
+        make = getattr(stage.kind.training, role, None)
+        if make is not None:
+            found = make(fn, **stage.options) or found
+        return stage.apply(fn)
+
+    fold(pipe, note, pipe.fn, lambda stage, err: f"{doing} of `.{stage.name}()` failed: {err}")
+    return found

@@ -9,9 +9,8 @@ import jax
 import numpy as np
 
 from jaxpipe._core import caches
-from jaxpipe._core.fold import fold
+from jaxpipe._core.fold import last_role
 from jaxpipe._core.protocol import PipelineLike
-from jaxpipe._core.stage import Stage, StageContext
 from jaxpipe._core.state import TrainLoss, TrainState
 from jaxpipe._training import grain
 from jaxpipe._training.checks import check_evaluate_args
@@ -25,16 +24,7 @@ def evaluator(pipe: PipelineLike) -> Callable[[TrainState, Any], dict[str, Any]]
 
     A stage's ``evaluate`` may return None to leave evaluation to an earlier one.
     """
-    found = None
-
-    def note(fn: Callable[..., Any], stage: Stage, ctx: StageContext) -> Callable[..., Any]:
-        nonlocal found
-        training = stage.kind.training
-        if training is not None and training.evaluate is not None:
-            found = training.evaluate(fn, **stage.options) or found
-        return stage.apply(fn)
-
-    fold(pipe, note, pipe.fn, lambda stage, err: f"making the evaluation step of `.{stage.name}()` failed: {err}")
+    found = last_role(pipe, "evaluate", "making the evaluation step")
     if found is None:
         found = _loss_evaluator(pipe.fn)
     return jax.jit(found) if found is not None else None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -10,29 +9,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpipe._core.fold import fold
+from jaxpipe._core import caches
+from jaxpipe._core.fold import last_role
 from jaxpipe._core.protocol import PipelineLike
-from jaxpipe._core.stage import Stage, StageContext
 from jaxpipe._core.state import TrainState
+from jaxpipe._training.checks import check_batch_size
 from jaxpipe.errors import PipelineError
 
 
-@functools.lru_cache(maxsize=8)  # one compiled predictor per pipeline, not one per call
+@caches.bounded(8)  # one compiled predictor per pipeline, not one per call
 def predictor(pipe: PipelineLike) -> Callable[[TrainState, Any], Any] | None:
     """A jitted ``(state, batch) -> outputs`` from the last stage that can predict.
 
     A stage's ``predict`` may return None to leave prediction to an earlier one.
     """
-    found = None
-
-    def note(fn: Callable[..., Any], stage: Stage, ctx: StageContext) -> Callable[..., Any]:
-        nonlocal found
-        training = stage.kind.training
-        if training is not None and training.predict is not None:
-            found = training.predict(fn, **stage.options) or found
-        return stage.apply(fn)
-
-    fold(pipe, note, pipe.fn, lambda stage, err: f"making the prediction step of `.{stage.name}()` failed: {err}")
+    found = last_role(pipe, "predict", "making the prediction step")
     return jax.jit(found) if found is not None else None
 
 
@@ -62,12 +53,7 @@ def predict(pipe: PipelineLike, state: TrainState, data: Any, batch_size: int | 
     if not isinstance(data, Mapping):
         data = np.asarray(data) if not hasattr(data, "shape") else data
     size = _size(data, pipe)
-    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
-        raise PipelineError(
-            f"`batch_size` is the number of examples per call, a positive int or None for all at once; "
-            f"got {batch_size!r}.",
-            pipeline=repr(pipe),
-        )
+    check_batch_size(batch_size, call="predict")
     batch_size = min(batch_size or size, size)
     outputs = [
         step(state, jax.tree.map(lambda x, s=start: x[s : s + batch_size], data))
