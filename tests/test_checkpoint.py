@@ -248,7 +248,9 @@ def test_a_checkpoint_saved_before_train_state_had_extra_restores(pipe, data, mo
     standard_save = ocp.args.StandardSave
 
     def older_save(item, *args, **kwargs):
-        older = {name: getattr(item, name) for name in ("step", "params", "opt_state", "key", "model_state", "data_key")}
+        older = {
+            name: getattr(item, name) for name in ("step", "params", "opt_state", "key", "model_state", "data_key")
+        }
         return standard_save(older, *args, **kwargs)
 
     state = pipe.init(jax.random.key(0), sample(data))

@@ -23,7 +23,9 @@ from jaxpipe.errors import PipelineError
 AfterStep = Callable[..., TrainState]
 
 
-def with_after_step(step: Callable[..., Any], hook: AfterStep, options: dict[str, Any], name: str) -> Callable[..., Any]:
+def with_after_step(
+    step: Callable[..., Any], hook: AfterStep, options: dict[str, Any], name: str
+) -> Callable[..., Any]:
     """``step`` followed by ``hook(state, new_state, **options)`` on its new state, in the same trace."""
 
     def stepped(state: TrainState, batch: Any) -> tuple[TrainState, Any]:

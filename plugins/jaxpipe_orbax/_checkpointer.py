@@ -470,7 +470,9 @@ class Checkpointer:
                 raise
             older = {f.name: getattr(state, f.name) for f in dataclasses.fields(state) if f.name != "extra"}
             try:
-                restored = self._read(step, {**items, "state": ocp.args.StandardRestore(jax.tree.map(_abstract, older))})
+                restored = self._read(
+                    step, {**items, "state": ocp.args.StandardRestore(jax.tree.map(_abstract, older))}
+                )
             except Exception:
                 raise err from None  # not the older layout either: the first error says what is wrong
             return {**restored, "state": state.replace(**restored["state"])}
