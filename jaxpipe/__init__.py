@@ -5,6 +5,7 @@
 'jax.jit(jax.grad(abs))'
 """
 
+from jaxpipe._core.after_step import after_step_kind as after_step_kind
 from jaxpipe._core.caches import clear_caches as clear_caches
 from jaxpipe._core.run import FitRun as FitRun
 from jaxpipe._core.stage import Stage as Stage
@@ -68,6 +69,7 @@ __all__ = [
     "TrainState",
     "Training",
     "UnknownStageError",
+    "after_step_kind",
     "clear_caches",
     "disable_compilation_cache",
     "enable_compilation_cache",

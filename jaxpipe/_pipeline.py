@@ -397,6 +397,14 @@ class Pipeline:
         """
         return self._add(BUILTIN_STAGES["scan"], (), dict(steps=steps, unroll=unroll))
 
+    def after_step(self, fn: Callable[..., Any]) -> Pipeline:
+        """Runs ``fn(state, new_state) -> new_state`` inside each training step, after the update.
+
+        For state of your own in ``state.extra``: place it after ``.optimize()``
+        and before ``.scan()``/``.jit()``; ``.ema(decay)`` is one such stage.
+        """
+        return self._add(BUILTIN_STAGES["after_step"], (), dict(fn=fn))
+
     # --- building and calling ----------------------------------------------------
 
     def build(self) -> Callable[..., Any]:

@@ -229,6 +229,45 @@ def test_legacy_uint32_keys_are_saved_and_restored_as_they_are(pipe, data):
     assert_same_bits(restored, legacy)
 
 
+def test_extra_fields_are_saved_and_restored(pipe, data):
+    state = pipe.init(jax.random.key(0), sample(data))
+    state = state.replace(extra={"ema_params": state.params, "seen": jnp.int32(7)})
+    run = FitRun(pipe, epochs=1, batch_size=BATCH, steps_per_epoch=8, total_steps=8)
+    hooks = Checkpointer(**pipe.stages[-1].options)
+    hooks.jaxpipe_fit_start(run=run, state=state)
+    run.step = 3
+    hooks.jaxpipe_fit_end(run=run, state=state)
+    fresh = pipe.init(jax.random.key(1), sample(data), resume=False)
+    assert_same_bits(pipe.restore(fresh.replace(extra={"ema_params": fresh.params, "seen": jnp.int32(0)})), state)
+
+
+def test_a_checkpoint_saved_before_train_state_had_extra_restores(pipe, data, monkeypatch):
+    """Checkpoints written before ``TrainState.extra`` hold the six older fields only (saved as a dict by path)."""
+    import orbax.checkpoint as ocp
+
+    standard_save = ocp.args.StandardSave
+
+    def older_save(item, *args, **kwargs):
+        older = {
+            name: getattr(item, name) for name in ("step", "params", "opt_state", "key", "model_state", "data_key")
+        }
+        return standard_save(older, *args, **kwargs)
+
+    state = pipe.init(jax.random.key(0), sample(data))
+    run = FitRun(pipe, epochs=1, batch_size=BATCH, steps_per_epoch=8, total_steps=8)
+    hooks = Checkpointer(**pipe.stages[-1].options)
+    with monkeypatch.context() as patch:
+        patch.setattr(ocp.args, "StandardSave", older_save)
+        hooks.jaxpipe_fit_start(run=run, state=state)
+        run.step = 3
+        hooks.jaxpipe_fit_end(run=run, state=state)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not reported as damaged
+        restored = pipe.init(jax.random.key(1), sample(data))
+    assert restored.extra == {}
+    assert_same_bits(restored, state)
+
+
 def test_fit_resumes_a_newer_checkpoint_than_the_state_it_was_given(pipe, data, capsys):
     fresh = pipe.init(jax.random.key(0), sample(data))
     pipe.fit(fresh, data, epochs=1, batch_size=BATCH, progress=False)

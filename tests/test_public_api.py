@@ -49,6 +49,7 @@ PUBLIC: dict[str, set[str]] = {
         "UnknownStageError",
     },
     "functions": {
+        "after_step_kind",
         "clear_caches",
         "disable_compilation_cache",
         "enable_compilation_cache",

@@ -73,6 +73,10 @@ class Training:
       period: ``period(options) -> steps`` between the run hooks' own actions
         (e.g. saves every ``every`` steps), so ``fit`` ends its many-step calls
         there; None when the hooks act at any step.
+      after_step: ``after_step(state, new_state, **options) -> new_state``,
+        run inside each training step after the optimizer's update, for a
+        stage placed after ``.optimize()`` (e.g. an EMA of the parameters in
+        ``state.extra``); :func:`jaxpipe.after_step_kind` makes such a kind.
     """
 
     init: Callable[..., Any] | None = None
@@ -81,6 +85,7 @@ class Training:
     run_hooks: Callable[[dict[str, Any]], object] | None = None
     outside_fit: str = ""
     period: Callable[[dict[str, Any]], int] | None = None
+    after_step: Callable[..., Any] | None = None
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -28,6 +28,11 @@ class TrainState:
         ``{"batch_stats": ...}`` for BatchNorm; empty when there are none.
       data_key: the key ``fit`` shuffles with: epoch ``e`` uses
         ``jax.random.fold_in(data_key, e)``, so a resumed run sees the same batches.
+      extra: the user's own fields, a dict pytree (empty by default), carried
+        through every step, checkpoint and ``fit`` like the rest, e.g.
+        ``state.extra["ema_params"]`` from ``.ema(decay)``. Set it with
+        ``state.replace(extra={...})``; a stage's ``Training.after_step``
+        updates it inside the compiled step.
     """
 
     step: jax.Array
@@ -36,6 +41,7 @@ class TrainState:
     key: jax.Array
     model_state: Any
     data_key: jax.Array
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def replace(self, **changes: Any) -> TrainState:
         """A copy with some fields changed (as ``flax.struct`` states offer)."""

@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 
+from jaxpipe._core.after_step import after_step_kind
 from jaxpipe._core.signature import TypeAndValueError, check_argnames, check_argnums, positional_range
 from jaxpipe._core.stage import StageContext, StageKind, Training
 from jaxpipe._stages import data_parallel as _data_parallel
@@ -229,6 +230,36 @@ def _explain_scan(ctx: StageContext, inner: str, options: dict[str, Any]) -> tup
     return code, "scanned"
 
 
+def call_after_step(state: Any, new_state: Any, fn: Callable[..., Any]) -> Any:
+    """Runs ``fn(state, new_state) -> new_state`` inside each training step, after the optimizer's update.
+
+    For state of your own in ``state.extra``, updated in the compiled step
+    (a running statistic, an EMA): place it after ``.optimize()`` and before
+    ``.scan()``/``.jit()``; ``state`` is the state the step started from.
+    """
+    return fn(state, new_state)
+
+
+def _check_after_step(ctx: StageContext, options: dict[str, Any]) -> None:
+    del ctx  # placement is checked by after_step_kind
+    if not callable(options["fn"]):
+        raise TypeError(
+            f"`.after_step()` takes a function (state, new_state) -> new_state, got {options['fn']!r}.\n"
+            f"For example .after_step(lambda old, new: new.replace(extra={{**new.extra, 'seen': new.step}}))."
+        )
+
+
+def _explain_after_step(ctx: StageContext, inner: str, options: dict[str, Any]) -> tuple[str, str]:
+    del ctx  # the same code wherever it is placed
+    name = getattr(options["fn"], "__name__", "fn").replace("<lambda>", "fn")
+    code = (
+        f"def step_then_{name}(state, batch):\n"
+        f"    new_state, metrics = {inner}(state, batch)\n"
+        f"    return {name}(state, new_state), metrics"
+    )
+    return code, f"step_then_{name}"
+
+
 def _builtin(name: str, apply: Callable[..., Any], jax_name: str, check: Any = None, **kw: Any) -> StageKind:
     return StageKind(name, apply, jax_name, check=check, keeps_signature=True, **kw)
 
@@ -285,6 +316,7 @@ BUILTIN_STAGES: dict[str, StageKind] = {
             last=True,
             doc="Runs eagerly under `jax.disable_jit()` so breakpoints and print work; the last stage.",
         ),
+        after_step_kind("after_step", call_after_step, check=_check_after_step, explain=_explain_after_step),
         _builtin(
             "scan",
             scan,

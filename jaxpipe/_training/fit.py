@@ -40,6 +40,7 @@ def fit(
     eval_data: Any = None,
     eval_batch_size: int | None = None,
     eval_every: int | None = None,
+    eval_params: Callable[[TrainState], Any] | None = None,
     progress: bool | Callable[..., Any] = True,
     log_every: int = 10,
     hooks: Sequence[object] = (),
@@ -101,6 +102,9 @@ def fit(
         last batch).
       eval_every: steps between evaluations, and at the run's end; None
         evaluates at each epoch's end.
+      eval_params: which parameters to evaluate, a function of the state,
+        e.g. ``lambda state: state.extra["ema_params"]`` for ``.ema()``'s
+        average; None evaluates ``state.params``.
       progress: show a progress bar (text in a terminal, a widget in Jupyter),
         or a ``tqdm``-like factory.
       log_every: steps between updates of the progress line and
@@ -152,6 +156,7 @@ def fit(
         eval_data=eval_data,
         eval_batch_size=eval_batch_size,
         eval_every=eval_every,
+        eval_params=eval_params,
         log_every=log_every,
         hooks=hooks,
         device_data=device_data,

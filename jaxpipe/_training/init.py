@@ -11,7 +11,7 @@ may then swap the fresh state for a restored one.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -93,9 +93,49 @@ def _check_params(pipe: PipelineLike, state: TrainState, key: jax.Array, batch: 
         ).at(number, stage, pipe)
 
 
-def _stage_shares(pipe: PipelineLike, key: jax.Array, sample_batch: Any, params: Any) -> Callable[[], TrainState]:
+KEY_ROLES = ("params", "step", "data")
+
+Keys = Callable[[jax.Array], tuple[jax.Array, jax.Array, jax.Array]] | Mapping[str, jax.Array]
+
+
+def _check_keys(keys: Any, pipe: PipelineLike) -> None:
+    """``keys`` is None, a function of the key, or a dict of keys by role."""
+    if keys is None or callable(keys):
+        return
+    if isinstance(keys, Mapping) and keys and set(keys) <= set(KEY_ROLES):
+        return
+    given = f"a dict with keys {sorted(map(str, keys))}" if isinstance(keys, Mapping) else f"{type(keys).__name__}"
+    raise PipelineError(
+        f"`keys` is a function key -> (params_key, step_key, data_key) or a dict of keys by role "
+        f"({', '.join(map(repr, KEY_ROLES))}), got {given}.\nFor example, to initialise the parameters "
+        f"with the key itself as `model.init(key, x)` does: trainer.init(key, batch, keys=lambda k: (k, k, k)).",
+        pipeline=repr(pipe),
+    )
+
+
+def derive_keys(key: jax.Array, keys: Keys | None, pipe: PipelineLike) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(params_key, step_key, data_key)`` from ``key``: by ``keys``, else :func:`jaxpipe.split_init_key`."""
+    if keys is None:
+        return split_init_key(key)
+    if isinstance(keys, Mapping):
+        default = split_init_key(key)  # traced only for the roles left out; XLA drops the rest
+        return tuple(keys.get(role, k) for role, k in zip(KEY_ROLES, default, strict=True))  # type: ignore[return-value]
+    derived = keys(key)
+    if not (isinstance(derived, (tuple, list)) and len(derived) == 3):
+        raise PipelineError(
+            f"`keys` must return three keys (params_key, step_key, data_key), got "
+            f"{type(derived).__name__}{f' of length {len(derived)}' if isinstance(derived, (tuple, list)) else ''}."
+            f"\nFor example keys=lambda k: tuple(jax.random.split(k, 3)).",
+            pipeline=repr(pipe),
+        )
+    return derived[0], derived[1], derived[2]
+
+
+def _stage_shares(
+    pipe: PipelineLike, key: jax.Array, sample_batch: Any, params: Any, keys: Keys | None = None
+) -> Callable[[], TrainState]:
     """The state as the stages' ``init`` make it: a function of nothing, to run eagerly or compiled."""
-    params_key, run_key, data_key = split_init_key(key)
+    params_key, run_key, data_key = derive_keys(key, keys, pipe)
 
     def add_share(state: TrainState, stage: Stage, ctx: StageContext) -> TrainState:
         del ctx  # a stage's share depends on its options and the state so far
@@ -124,7 +164,7 @@ def _stage_shares(pipe: PipelineLike, key: jax.Array, sample_batch: Any, params:
 
 
 def init_program(
-    pipe: PipelineLike, key: jax.Array, sample_batch: Any, params: Any = None
+    pipe: PipelineLike, key: jax.Array, sample_batch: Any, params: Any = None, keys: Keys | None = None
 ) -> tuple[Callable[[], TrainState], Any]:
     """``(jax.jit(make_state, out_shardings=shardings), shardings)`` when a hook places the state, else
     ``(make_state, None)``.
@@ -135,24 +175,30 @@ def init_program(
     """
     with run_hooks(pipe) as hook:
         if not hook.jaxpipe_state_shardings.get_hookimpls():
-            return _stage_shares(pipe, key, sample_batch, params), None
+            return _stage_shares(pipe, key, sample_batch, params, keys), None
         typed = key if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else jax.random.wrap_key_data(key)
         impl, key_data = jax.random.key_impl(typed), np.asarray(jax.random.key_data(typed))
         host_batch, host_params = jax.device_get((sample_batch, params))
 
         def make_state() -> TrainState:
             host_key = jax.random.wrap_key_data(jnp.asarray(key_data), impl=impl)
-            return _stage_shares(pipe, host_key, host_batch, host_params)()
+            return _stage_shares(pipe, host_key, host_batch, host_params, keys)()
 
         shapes = jax.eval_shape(make_state)
         shardings = hook.jaxpipe_state_shardings(pipeline=pipe, state=shapes)
     if shardings is None:
-        return _stage_shares(pipe, key, sample_batch, params), None
+        return _stage_shares(pipe, key, sample_batch, params, keys), None
     return jax.jit(make_state, out_shardings=shardings), shardings
 
 
 def init(
-    pipe: PipelineLike, key: jax.Array, sample_batch: Any, *, params: Any = None, resume: bool = True
+    pipe: PipelineLike,
+    key: jax.Array,
+    sample_batch: Any,
+    *,
+    params: Any = None,
+    keys: Keys | None = None,
+    resume: bool = True,
 ) -> TrainState:
     """The initial :class:`~jaxpipe.TrainState`, or the newest checkpoint's.
 
@@ -165,11 +211,19 @@ def init(
         hand-written step with ``params``).
       key: one PRNG key (``jax.random.key(0)``; a legacy ``PRNGKey`` works
         too), split into a parameter key, the state's step key and its data
-        key (:func:`jaxpipe.split_init_key`).
+        key (:func:`jaxpipe.split_init_key`), or as ``keys`` says.
       sample_batch: one batch of the data (a few examples), which shapes the
         parameters.
       params: the parameters to start from, for a pipeline without a
         ``.model`` stage.
+      keys: how ``key`` becomes the three keys, to reproduce another
+        program's derivation: a function ``key -> (params_key, step_key,
+        data_key)``, or a dict of explicit keys by role (``"params"``,
+        ``"step"``, ``"data"``; roles left out come from the default). None:
+        :func:`jaxpipe.split_init_key`, ``jax.random.split(key, 3)``. A script
+        that initialises with ``model.init(jax.random.key(0), x)`` gets the
+        same parameters with ``keys=lambda k: (k, k, k)`` (or
+        ``keys={"params": k}``).
       resume: False restores nothing: the fresh state, to start a run over
         with ``fit(..., resume=False)``.
 
@@ -180,6 +234,7 @@ def init(
     _check_key(key, pipe)
     _check_sample_batch(sample_batch, pipe)
     check_batch_dtypes(sample_batch, argument="sample_batch")
+    _check_keys(keys, pipe)
     if not any(s.kind.training and s.kind.training.init for s in pipe.stages) and params is None:
         raise PipelineError(
             "`init` builds a training state, but no stage of this pipeline contributes to one.\n"
@@ -189,10 +244,10 @@ def init(
             pipeline=repr(pipe),
         )
     if params is not None:
-        params_key, run_key, data_key = split_init_key(key)
+        params_key, run_key, data_key = derive_keys(key, keys, pipe)
         fresh = TrainState(jnp.zeros((), jnp.int32), None, None, run_key, {}, data_key)
         _check_params(pipe, fresh, params_key, sample_batch)
-    make_state, _ = init_program(pipe, key, sample_batch, params)
+    make_state, _ = init_program(pipe, key, sample_batch, params, keys)
     state = make_state()
     with run_hooks(pipe) as hook:
         restored = first_result(hook.jaxpipe_init_state, not_a_state, pipeline=pipe, state=state) if resume else None

@@ -404,7 +404,8 @@ class Loop:
         state = self.state()
         metrics: dict[str, float] = {}
         if plan.eval_data is not None and (evaluating or (epoch_end and plan.eval_every is None)):
-            scores = evaluate(self.pipe, state, plan.eval_data, plan.eval_batch_size)
+            params = None if plan.eval_params is None else plan.eval_params(state)  # e.g. an EMA (.ema())
+            scores = evaluate(self.pipe, state, plan.eval_data, plan.eval_batch_size, params=params)
             metrics = {f"eval_{k}": v for k, v in scores.items()}
             epoch = run.step // run.steps_per_epoch if run.steps_per_epoch else len(run.eval_history) + 1
             run.eval_history.append({"step": run.step, "epoch": epoch, **metrics})

@@ -29,6 +29,7 @@ class Plan:
       steps_per_epoch: steps in one pass over the data, if it has a length.
       eval_data: evaluated at ``eval_every`` steps, or at each epoch's end.
       eval_every: steps between evaluations; None: at the end of each epoch.
+      eval_params: ``eval_params(state)``, the parameters to evaluate; None: ``state.params``.
       steps_per_call: steps per compiled call, or None to measure (``fit``'s own choice).
     """
 
@@ -40,6 +41,7 @@ class Plan:
     eval_data: Any
     eval_batch_size: int | None
     eval_every: int | None
+    eval_params: Callable[[TrainState], Any] | None
     log_every: int
     device_data: bool | str
     on_nonfinite: str
@@ -66,6 +68,7 @@ def make_plan(
     eval_data: Any,
     eval_batch_size: Any,
     eval_every: Any,
+    eval_params: Any,
     log_every: Any,
     hooks: Any,
     device_data: Any,
@@ -112,6 +115,11 @@ def make_plan(
             f'For example on_nonfinite="stop" returns the last finite state with a warning.'
         )
     hooks = _check_hooks(hooks, fail)
+    if eval_params is not None and not callable(eval_params):
+        raise fail(
+            f"`eval_params` is a function of the state that returns the parameters to evaluate, got "
+            f"{type(eval_params).__name__}.\nFor example eval_params=lambda state: state.extra['ema_params']."
+        )
     eval_data = _check_eval_data(eval_data, fail)
     try:
         host_data.check_data(data)
@@ -162,6 +170,7 @@ def make_plan(
         eval_data=eval_data,
         eval_batch_size=eval_batch_size,
         eval_every=eval_every,
+        eval_params=eval_params,
         log_every=log_every,
         device_data=device_data,
         on_nonfinite=on_nonfinite,

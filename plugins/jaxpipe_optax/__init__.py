@@ -1,4 +1,4 @@
-"""jaxpipe's Optax plugin: the ``.optimize(tx)`` stage.
+"""jaxpipe's Optax plugin: the ``.optimize(tx)`` and ``.ema(decay)`` stages.
 
 Registered only through the ``jaxpipe`` entry-point group. Optax itself is
 imported when a training step is first built, not when jaxpipe loads.
@@ -11,6 +11,7 @@ import jaxpipe
 
 @jaxpipe.hookimpl
 def jaxpipe_register_stages() -> list[jaxpipe.StageKind]:
+    from jaxpipe_optax._ema import EMA
     from jaxpipe_optax._optimize import OPTIMIZE
 
-    return [OPTIMIZE]
+    return [OPTIMIZE, EMA]

@@ -16,6 +16,7 @@ off): see ``_directory.py`` for who may change what.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import functools
 import itertools
@@ -429,7 +430,7 @@ class Checkpointer:
                 if run is not None and os.path.isdir(os.path.join(path, "data")):
                     items["data"] = ocp.args.JsonRestore()
                 try:
-                    restored = self._read(step, items)
+                    restored = self._read_state(step, items, state)
                 except Exception as err:
                     if not os.path.isdir(path):  # a writer's retention removed it while it was read: look again
                         break
@@ -457,6 +458,24 @@ class Checkpointer:
             return reader.restore(os.path.join(self.directory, str(step)), args=ocp.args.Composite(**items))
         finally:
             reader.close()
+
+    def _read_state(self, step: int, items: dict[str, Any], state: Any) -> Any:
+        """``_read``; a state with an empty ``extra`` also restores a checkpoint saved before ``TrainState.extra``."""
+        import orbax.checkpoint as ocp
+
+        try:
+            return self._read(step, items)
+        except Exception as err:
+            if state.extra:
+                raise
+            older = {f.name: getattr(state, f.name) for f in dataclasses.fields(state) if f.name != "extra"}
+            try:
+                restored = self._read(
+                    step, {**items, "state": ocp.args.StandardRestore(jax.tree.map(_abstract, older))}
+                )
+            except Exception:
+                raise err from None  # not the older layout either: the first error says what is wrong
+            return {**restored, "state": state.replace(**restored["state"])}
 
     def _resume_data(self, step: int, run: Any) -> None:
         import orbax.checkpoint as ocp
