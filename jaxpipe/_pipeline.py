@@ -535,10 +535,13 @@ class Pipeline:
             raise _needs_saver(self, "save")
         return bool(written)
 
-    def restore(self, state: Any) -> Any:
-        """The newest checkpoint of this pipeline's ``.checkpoint()`` stage, shaped like ``state``; else ``state``."""
+    def restore(self, state: Any, *, which: str = "newest") -> Any:
+        """The newest checkpoint of this pipeline's ``.checkpoint()`` stage, shaped like ``state``; else ``state``.
+
+        ``which="best"``: the step ``.checkpoint(..., best=...)`` kept for its best evaluation.
+        """
         with plugins.run_hooks(self) as hook:
-            restored = hook.jaxpipe_restore_state(pipeline=self, state=state)
+            restored = hook.jaxpipe_restore_state(pipeline=self, state=state, which=which)
         if restored is None:
             raise _needs_saver(self, "restore")
         return restored

@@ -95,7 +95,7 @@ def jaxpipe_state_shardings(pipeline: PipelineLike, state: Any) -> Any:
 
 
 @hookspec(firstresult=True)
-def jaxpipe_init_state(pipeline: PipelineLike, state: TrainState) -> TrainState | None:
+def jaxpipe_init_state(pipeline: PipelineLike, state: TrainState, which: str) -> TrainState | None:
     """Replace a freshly initialised training state, e.g. by a restored one.
 
     Called at the end of ``Pipeline.init`` with the state built by the stages'
@@ -104,6 +104,10 @@ def jaxpipe_init_state(pipeline: PipelineLike, state: TrainState) -> TrainState 
     Args:
       pipeline: the :class:`~jaxpipe.Pipeline` being initialised.
       state: the new :class:`~jaxpipe.TrainState`.
+      which: ``init``'s ``which``: ``"newest"`` (the default: the newest saved
+        state) or ``"best"`` (the state a saver kept for its best evaluation,
+        e.g. ``.checkpoint(..., best="eval_loss")``). An implementation may
+        leave the argument out of its signature (then it restores the newest).
 
     Returns:
       A state to use instead, or None to keep ``state``.
@@ -146,7 +150,7 @@ def jaxpipe_save_state(pipeline: PipelineLike, state: TrainState) -> bool | None
 
 
 @hookspec(firstresult=True)
-def jaxpipe_restore_state(pipeline: PipelineLike, state: TrainState) -> TrainState | None:
+def jaxpipe_restore_state(pipeline: PipelineLike, state: TrainState, which: str) -> TrainState | None:
     """Read back the newest saved training state, for a step loop written by hand.
 
     Called by ``Pipeline.restore(state)``; the Orbax ``.checkpoint()`` stage
@@ -156,6 +160,8 @@ def jaxpipe_restore_state(pipeline: PipelineLike, state: TrainState) -> TrainSta
       pipeline: the :class:`~jaxpipe.Pipeline` whose stage saves.
       state: a :class:`~jaxpipe.TrainState` giving the structure, shapes,
         dtypes and placement to restore into.
+      which: ``Pipeline.restore``'s ``which``: ``"newest"`` (the default) or
+        ``"best"``, as for :func:`jaxpipe_init_state`.
 
     Returns:
       The restored state, ``state`` itself if nothing is saved yet, or None if

@@ -56,6 +56,7 @@ MODULE_MARKS = {
     "test_reproducibility.py": ("slow",),
     "test_checkpoint.py": ("slow",),
     "test_checkpoint_robust.py": ("slow",),
+    "test_checkpoint_best.py": ("slow",),
     "test_data_parallel.py": ("slow",),
     "test_flax_plugin.py": ("slow",),
     "test_beyond_mean_loss.py": ("slow",),

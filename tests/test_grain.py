@@ -24,7 +24,7 @@ import pytest
 
 import jaxpipe
 from jaxpipe import Pipeline, PipelineError
-from jaxpipe._training.grain import as_batches, is_grain
+from jaxpipe._training.grain import Epochs, as_batches, is_grain
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -59,7 +59,7 @@ def train(data, epochs=3, pipe=TRAINER, hooks=()):
 
 def test_other_data_passes_unchanged_and_grain_is_not_imported():
     code = (
-        "import sys, numpy as np; from jaxpipe._training.grain import as_batches, is_grain\n"
+        "import sys, numpy as np; from jaxpipe._training.grain import Epochs, as_batches, is_grain\n"
         "data = {'x': np.zeros(3)}; batches = [data]\n"
         "assert as_batches(data) is data and as_batches(batches) is batches and not is_grain(batches)\n"
         "assert 'grain' not in sys.modules, 'grain imported'"
@@ -75,8 +75,10 @@ def test_grain_datasets_loaders_and_iterators_are_taken_as_they_are():
         operations=[grain.transforms.Batch(8)],
         worker_count=0,
     )
-    for data in (ds, ds.to_iter_dataset(), iter(ds), loader, iter(loader)):
+    for data in (ds.to_iter_dataset(), iter(ds), loader, iter(loader)):
         assert is_grain(data) and as_batches(data) is data
+    epochs = as_batches(ds)  # a MapDataset: read one Grain epoch per fit epoch
+    assert isinstance(epochs, Epochs) and epochs.for_epoch(0) is ds and len(epochs) == len(ds) == 10
     endless = as_batches(grain.MapDataset.source(records()).repeat().batch(8))
     assert isinstance(endless, grain.IterDataset) and not hasattr(endless, "__len__")  # no sys.maxsize steps
 
@@ -90,12 +92,27 @@ def leaves(state):
     return [np.asarray(leaf) for leaf in jax.tree.leaves(state.params)] + [np.asarray(state.step)]
 
 
+def batch_bits(batches):
+    return [tuple(np.asarray(b[k]).tobytes() for k in sorted(b)) for b in batches]
+
+
+def test_each_epoch_of_a_map_dataset_is_grains_own_epoch_reshuffled():
+    ds = dataset()
+    epochs = as_batches(ds)
+    first, second = (list(epochs.for_epoch(e)) for e in (0, 1))
+    assert batch_bits(first) == batch_bits(ds)  # epoch 1 as before
+    assert batch_bits(first + second) == batch_bits(ds.repeat(2))  # what Grain's repeat gives: shuffle seed + epoch
+    assert batch_bits(first) != batch_bits(second)  # a new order
+    assert sorted(x for b in first for x in b["x"][:, 0]) == sorted(x for b in second for x in b["x"][:, 0])
+    unshuffled = grain.MapDataset.source(records()).batch(8)  # nothing random: the same batches each epoch
+    assert batch_bits(as_batches(unshuffled).for_epoch(3)) == batch_bits(unshuffled)
+
+
 def test_fit_on_a_grain_dataset_trains_as_on_the_same_batches_in_a_list():
     ds = dataset()
-    batches = list(ds)  # one pass: what each epoch reads
-    assert len(batches) == len(ds) == 10
+    assert len(ds) == 10
     for data, epochs in ((ds, 3), (ds.to_iter_dataset(), 1), (iter(ds), 1)):
-        expected = train(batches * epochs, epochs=1)
+        expected = train(list(ds.repeat(epochs)), epochs=1)  # a MapDataset's epochs are Grain's, reshuffled
         got = train(data, epochs=epochs)
         for a, b in zip(leaves(got), leaves(expected), strict=True):
             np.testing.assert_array_equal(a, b)

@@ -38,6 +38,8 @@ class FitRun:
         the state after it is not to be saved; False for an error raised by a
         callback (a hook, a progress display), which costs no checkpoint.
       resume: whether a checkpoint may be restored (``fit(..., resume=False)`` starts over).
+      evaluates: whether ``fit`` was given ``eval_data`` (then
+        ``jaxpipe_fit_evaluated`` follows each evaluation).
       data_state: for an iterator with ``get_state()``/``set_state()`` (Grain's),
         its JSON-able state right after the batches trained so far.
       resumed_data_state: set by a checkpointer that restored a saved
@@ -59,6 +61,7 @@ class FitRun:
     error: BaseException | None = None
     error_in_step: bool = False
     resume: bool = True
+    evaluates: bool = False
     data_state: Any = None
     resumed_data_state: Any = None
     per_call: str = ""

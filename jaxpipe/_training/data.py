@@ -99,6 +99,10 @@ class Collated:
     def __iter__(self) -> Iterator[Any]:
         return _CollatedIterator(iter(self.examples), self.batch_size)
 
+    def for_epoch(self, epoch: int) -> Iterable[Any]:
+        """Epoch ``epoch``'s batches: of that epoch's examples where they have epochs (a Grain ``MapDataset``)."""
+        return type(self)(for_epoch(self.examples, epoch), self.batch_size)
+
 
 class SizedCollated(Collated):
     def __len__(self) -> int:
@@ -136,6 +140,13 @@ def batch_signature(data: Any) -> Any:
         items = sorted(data.items(), key=lambda kv: str(kv[0]))
         return tuple((k, np.shape(v)[1:], str(getattr(v, "dtype", ""))) for k, v in items)
     return type(data).__name__
+
+
+def for_epoch(data: Iterable[Any], epoch: int) -> Iterable[Any]:
+    """What ``data`` gives in ``epoch`` (from 0): ``data.for_epoch(epoch)`` where it has one (see
+    ``grain.Epochs``), else ``data`` itself, the same each epoch."""
+    method = getattr(data, "for_epoch", None)
+    return data if method is None else method(epoch)
 
 
 def _is_array(x: Any) -> bool:
@@ -227,6 +238,9 @@ def array_groups(
 class ResumableSource:
     """An iterable of batches, read epoch by epoch, with the iterator's position when it has one.
 
+    Each epoch reads ``for_epoch(data, epoch)``: a Grain ``MapDataset``'s own
+    epoch (a new shuffle each), any other iterable as it is.
+
     An iterator with ``get_state()``/``set_state()`` (Grain's) resumes from a
     saved position; any other skips the batches already trained on.
     """
@@ -240,7 +254,7 @@ class ResumableSource:
         epoch, offset = divmod(start, per_epoch) if per_epoch else (0, start)
         step = start
         while end is None or step < end:
-            iterator = iter(self.data)
+            iterator = iter(for_epoch(self.data, epoch))
             if offset and saved is not None and _resumable(iterator):
                 iterator.set_state(decode_state(saved, iterator))  # type: ignore[attr-defined]
             else:

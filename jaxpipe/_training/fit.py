@@ -164,6 +164,7 @@ def fit(
         steps_per_call=steps_per_call,
     )
     run = FitRun(pipe, plan.epochs, batch_size, plan.steps_per_epoch, plan.total, resume=bool(resume))
+    run.evaluates = plan.eval_data is not None
     with run_hooks(pipe, plan.hooks) as hook:
         callbacks = Callbacks(hook, run, plan.hooks)
         resumed = callbacks.resume(state)

@@ -199,6 +199,7 @@ def init(
     params: Any = None,
     keys: Keys | None = None,
     resume: bool = True,
+    which: str = "newest",
 ) -> TrainState:
     """The initial :class:`~jaxpipe.TrainState`, or the newest checkpoint's.
 
@@ -226,6 +227,9 @@ def init(
         ``keys={"params": k}``).
       resume: False restores nothing: the fresh state, to start a run over
         with ``fit(..., resume=False)``.
+      which: which checkpoint to restore: ``"newest"``, or ``"best"`` (the
+        step ``.checkpoint(..., best="eval_loss")`` kept for its best
+        evaluation); passed to ``jaxpipe_init_state``.
 
     Returns:
       The state, placed on the device(s) as the stages ask (``.data_parallel``
@@ -250,7 +254,11 @@ def init(
     make_state, _ = init_program(pipe, key, sample_batch, params, keys)
     state = make_state()
     with run_hooks(pipe) as hook:
-        restored = first_result(hook.jaxpipe_init_state, not_a_state, pipeline=pipe, state=state) if resume else None
+        restored = (
+            first_result(hook.jaxpipe_init_state, not_a_state, pipeline=pipe, state=state, which=which)
+            if resume
+            else None
+        )
         state = state if restored is None else restored
         placed = first_result(hook.jaxpipe_place_state, not_a_state, pipeline=pipe, state=state)
     return state if placed is None else placed

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from jaxpipe import StageContext, StageKind, Training, hookimpl
-from jaxpipe_orbax import _directory
+from jaxpipe_orbax import _best, _directory
 from jaxpipe_orbax._checkpointer import Checkpointer as Checkpointer
 from jaxpipe_orbax._checkpointer import CheckpointWarning as CheckpointWarning
 
@@ -19,7 +19,12 @@ __all__ = ["CheckpointWarning", "Checkpointer", "checkpoint"]
 
 
 def checkpoint(
-    fn: Callable[..., Any], directory: str | os.PathLike[str], every: int = 100, keep: int | None = 3
+    fn: Callable[..., Any],
+    directory: str | os.PathLike[str],
+    every: int = 100,
+    keep: int | None = 3,
+    best: str | None = None,
+    mode: str = "min",
 ) -> Callable[..., Any]:
     """Saves the training state with Orbax every ``every`` steps, keeping the newest ``keep``.
 
@@ -32,10 +37,19 @@ def checkpoint(
     by hand saves and restores with ``trainer.save(state)`` and
     ``trainer.restore(state)``.
 
+    ``best="eval_loss"`` (an eval metric as ``fit`` names it; ``mode="min"``
+    or ``"max"``) also keeps the step whose evaluation was best: after each
+    evaluation of ``fit(..., eval_data=...)`` that beats the best so far, that
+    state is saved (if its step is not saved already) and marked best in the
+    step's metadata, with its value. Retention keeps it beside the newest
+    ``keep`` until a better one is marked, across restarts.
+    ``trainer.init(key, batch, which="best")`` and
+    ``trainer.restore(state, which="best")`` restore it.
+
     The step function itself is returned unchanged, so
     ``.jit().checkpoint(...)`` still builds to the ``jax.jit`` object.
     """
-    del directory, every, keep  # read by the run hooks, not by the function
+    del directory, every, keep, best, mode  # read by the run hooks, not by the function
     return fn
 
 
@@ -69,6 +83,7 @@ def _check(ctx: StageContext, options: dict[str, Any]) -> None:
             f"`keep` must be a positive int (how many checkpoints to keep) or None (keep all), got {keep!r}; "
             f"e.g. keep=3."
         )
+    _best.check(options.get("best"), options.get("mode", "min"))
     if any(stage.kind.apply is checkpoint for stage in ctx.stages):  # this stage, as the registry holds it
         raise ValueError(
             "this pipeline already has a `.checkpoint()` stage, and one run saves to one directory.\n"
@@ -80,6 +95,8 @@ def _explain(ctx: StageContext, inner: str, options: dict[str, Any]) -> tuple[st
     del ctx  # the step is unchanged whatever it is
     directory, every, keep = os.fspath(options["directory"]), options.get("every", 100), options.get("keep", 3)
     kept = "all its steps" if keep is None else f"its newest {keep} steps"
+    if options.get("best") is not None:
+        kept += f" and the step with {_best.Best(options['best'], options.get('mode', 'min'))!r}"
     code = (
         "# .checkpoint(): the step is unchanged; while fit runs, Orbax saves the state:\n"
         f"# manager = ocp.CheckpointManager({directory!r})\n"

@@ -16,8 +16,6 @@ off): see ``_directory.py`` for who may change what.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import errno
 import functools
 import itertools
 import os
@@ -26,12 +24,11 @@ from typing import IO, Any, NoReturn
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxpipe import PipelineError, hookimpl
-from jaxpipe_orbax import _directory
+from jaxpipe_orbax import _best, _directory, _failures, _reading
 from jaxpipe_orbax._data_state import NotJSONError, as_json
-from jaxpipe_orbax._layout import differences, layout
+from jaxpipe_orbax._layout import abstract, differences, layout
 
 _barriers = itertools.count()  # Orbax's process barriers need names never used before in this process
 _RETRIES = 10  # restores retried when a writer's retention removed the step being read
@@ -48,12 +45,25 @@ class Checkpointer:
       directory: where the step directories live; nothing is written elsewhere.
       every: save when ``fit`` crosses a multiple of ``every`` steps.
       keep: how many of the newest checkpoints to keep; None keeps all.
+      best: an eval metric (e.g. ``"eval_loss"``): also keep the step whose
+        evaluation was best by it, marked so in its metadata.
+      mode: ``"min"`` or ``"max"``: which values of ``best`` are better.
     """
 
-    def __init__(self, directory: str | os.PathLike[str], every: int = 100, keep: int | None = 3) -> None:
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        every: int = 100,
+        keep: int | None = 3,
+        best: str | None = None,
+        mode: str = "min",
+    ) -> None:
         self.directory = os.path.abspath(os.fspath(directory))  # already absolute when given by the stage
         self.every = every
         self.keep = keep
+        self.best = None if best is None else _best.Best(best, mode)
+        self._best_known: tuple[int, float] | None = None  # (step, value) of the best step so far
+        self._best_loaded = False  # the marks on disk were read (or this run starts over)
         self._manager: Any = None
         self._lock: IO[bytes] | None = None
         self._claimed = False  # this run has prepared the directory for writing
@@ -71,18 +81,18 @@ class Checkpointer:
     # --- hooks ------------------------------------------------------------------
 
     @hookimpl
-    def jaxpipe_init_state(self, pipeline: Any, state: Any) -> Any:
-        """``trainer.init``: the newest complete checkpoint, if there is one (reads only)."""
+    def jaxpipe_init_state(self, pipeline: Any, state: Any, which: str) -> Any:
+        """``trainer.init``: the newest complete checkpoint (or the best), if there is one (reads only)."""
         try:
-            return self._restore(pipeline, state, newer_than=None, run=None)
+            return self._restore_which(pipeline, state, which)
         finally:
             self._close()
 
     @hookimpl
-    def jaxpipe_restore_state(self, pipeline: Any, state: Any) -> Any:
-        """``Pipeline.restore``: the newest complete checkpoint, or ``state`` itself (reads only)."""
+    def jaxpipe_restore_state(self, pipeline: Any, state: Any, which: str) -> Any:
+        """``Pipeline.restore``: the newest complete checkpoint (or the best), or ``state`` itself (reads only)."""
         try:
-            restored = self._restore(pipeline, state, newer_than=None, run=None)
+            restored = self._restore_which(pipeline, state, which)
         finally:
             self._close()
         return state if restored is None else restored
@@ -107,6 +117,13 @@ class Checkpointer:
     def jaxpipe_fit_resume(self, run: Any, state: Any) -> Any:
         """``fit``: the newest complete checkpoint, if it is newer than ``state``."""
         try:
+            if self.best is not None and not getattr(run, "evaluates", False):
+                raise self._error(
+                    run.pipeline,
+                    f"best={self.best.metric!r} keeps the step with {self.best!r}, but this `fit` has no "
+                    f"`eval_data`, so nothing is evaluated.\nPass the data to evaluate, e.g. "
+                    f"trainer.fit(state, data, epochs=10, eval_data=test), or leave `best` out of `.checkpoint()`.",
+                )
             restored = None
             if not getattr(run, "resume", True):
                 self._start_over = True  # the earlier run's steps are moved aside before the first save
@@ -135,6 +152,30 @@ class Checkpointer:
         # With .scan(k) one call advances k steps: save when a multiple of `every` was crossed.
         if run.step // self.every > self._saved_step // self.every:
             self._save(run.pipeline, state, run)
+
+    @hookimpl
+    def jaxpipe_fit_evaluated(self, run: Any, state: Any, metrics: Any) -> None:
+        """With ``best=``: an evaluation better than the best so far saves its state (if needed) and marks it."""
+        if self.best is None or self._failed:
+            return
+        try:
+            value = self.best.value(metrics)
+        except KeyError:
+            raise self._error(
+                run.pipeline,
+                f"best={self.best.metric!r} names a metric that the evaluation does not report; it reports "
+                f"{', '.join(map(repr, metrics)) or 'none'}.\nName one of those, e.g. "
+                f".checkpoint(..., best={next(iter(metrics), 'eval_loss')!r}).",
+            ) from None
+        if not self._best_loaded:
+            self._best_loaded = True
+            found = None if self._start_over else _directory.survey(self.directory)
+            if found is not None:
+                self._best_known = _best.best_step(found, self.best, layout(state))
+        if value is None or not self.best.better(value, None if self._best_known is None else self._best_known[1]):
+            return
+        if self._save(run.pipeline, state, run, best=self.best.record(value)):
+            self._best_known = (run.step, value)
 
     @hookimpl
     def jaxpipe_fit_end(self, run: Any, state: Any) -> None:
@@ -214,7 +255,7 @@ class Checkpointer:
                 )
 
     def _retain(self) -> None:
-        """Deletes this run's own complete steps beyond the newest ``keep`` (primary host)."""
+        """Deletes this run's own complete steps beyond the newest ``keep``, but the best one (primary host)."""
         from orbax.checkpoint import multihost
 
         if self.keep is None or self._layout is None or not multihost.is_primary_host(0):
@@ -223,7 +264,10 @@ class Checkpointer:
         if found is None:
             return
         own = sorted(step for step, meta in found.steps.items() if meta and meta.get("layout") == self._layout)
+        kept_best = None if self.best is None else _best.best_step(found, self.best, self._layout)
         for step in own[: -self.keep]:
+            if kept_best is not None and step == kept_best[0]:
+                continue  # the best step stays until a better one is marked
             try:
                 kept = _directory.remove_step(self.directory, step)
             except OSError as err:  # e.g. replaced by a link meanwhile: left alone
@@ -283,8 +327,12 @@ class Checkpointer:
                 lock.close()  # releases the writer lock
             self._claimed = False
 
-    def _save(self, pipeline: Any, state: Any, run: Any) -> bool:
-        """Saves ``state``; False when it was not written (non-finite values, or its step is saved already)."""
+    def _save(self, pipeline: Any, state: Any, run: Any, best: dict[str, Any] | None = None) -> bool:
+        """Saves ``state``; False when it was not written (non-finite values, or its step is saved already).
+
+        ``best``: the step is marked best with this record, in its metadata
+        (added to the step's metadata if it is saved already; then True).
+        """
         import orbax.checkpoint as ocp
 
         step = int(state.step) if run is None else run.step  # fit counts steps without waiting for the device
@@ -298,7 +346,7 @@ class Checkpointer:
         self._wait(manager)  # the previous save is complete: now older steps may go
         self._retain()
         if step in manager.all_steps():
-            return False
+            return best is not None and self._mark(step, best)
         per_epoch = None if run is None else run.steps_per_epoch
         meta: dict[str, Any] = {
             "format": 2,
@@ -309,6 +357,7 @@ class Checkpointer:
             "pipeline": repr(pipeline),
             **self._description,
             "layout": self._layout,
+            **({} if best is None else {"best": best}),
         }
         meta["checksum"] = _directory.checksum(meta)
         items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
@@ -323,6 +372,14 @@ class Checkpointer:
             self._raise_failed(err)
         self._saved_step = step
         return True
+
+    def _mark(self, step: int, best: dict[str, Any]) -> bool:
+        """Marks the saved step ``step`` best (the primary host rewrites its metadata); whether it is marked."""
+        from orbax.checkpoint import multihost
+
+        marked = _best.mark(self.directory, step, best) if multihost.is_primary_host(0) else True
+        multihost.sync_global_processes(f"jaxpipe_checkpoint_best_{next(_barriers)}")
+        return marked
 
     def _data_state(self, pipeline: Any, run: Any) -> Any:
         """``run.data_state`` as JSON (NumPy numbers as Python ones), or a PipelineError saying what is not."""
@@ -343,45 +400,16 @@ class Checkpointer:
         self._failed = True
         step, self._in_flight = self._in_flight, None
         if step is not None and jax.process_index() == 0:  # the primary host made its folder
-            with contextlib.suppress(OSError):
-                for name in _listing(self.directory):
-                    if name.startswith(f"{step}{_directory.UNFINISHED}"):
-                        _directory.remove(os.path.join(self.directory, name))
-                if os.path.isdir(os.path.join(self.directory, str(step))):  # failed after Orbax's rename
-                    _directory.set_aside(self.directory, step)
-        kept = sorted(int(name) for name in _listing(self.directory) if name.isdigit())
-        intact = (
-            f"the checkpoints before it (steps {', '.join(map(str, kept))}) are intact"
-            if kept
-            else "no earlier checkpoint was saved"
-        )
-        if _caused_by(err, errno.ENOSPC, "No space left on device"):
-            message = (
-                f"the disk holding {self.directory} is full (No space left on device): the checkpoint of step "
-                f"{step} could not be written and its unfinished folder was removed; {intact}.\n"
-                f"Free some space (or give the checkpoints a directory on a larger disk, e.g. "
-                f".checkpoint('/scratch/runs/digits'), or keep fewer, e.g. keep=2), then resume with fit."
-            )
-        elif _caused_by(err, errno.EROFS, "Read-only file system"):
-            message = (
-                f"{self.directory} became read-only while the checkpoint of step {step} was written; {intact}.\n"
-                f"Remount it read-write, or give the checkpoints a writable directory, then resume with fit."
-            )
-        else:
+            _failures.clean_up(self.directory, step)
+        message = _failures.message(self.directory, step, err)
+        if message is None:
             raise err
         raise self._error(self._pipeline, message) from err
 
     def _unwritable(self, pipeline: Any, err: OSError) -> PipelineError:
         """The error for a directory where nothing can be written, found before anything was."""
         self._failed = True
-        why = "is on a read-only file system" if err.errno == errno.EROFS else "cannot be written by this user"
-        return self._error(
-            pipeline,
-            f"the checkpoint directory {self.directory} {why} ({err}), so this run could not save its "
-            f"checkpoints; nothing was written there.\nRemount it read-write (or fix its permissions), or "
-            f"give the checkpoints a writable directory, e.g. .checkpoint('/scratch/runs/digits'). Reading the "
-            f"checkpoints there needs no writing: trainer.init(...) and trainer.restore(state) restore them.",
-        )
+        return self._error(pipeline, _failures.unwritable(self.directory, err))
 
     def _finite(self, state: Any, step: int) -> bool:
         """Whether every floating leaf of ``state`` is finite; warns (once per run) when not."""
@@ -411,7 +439,7 @@ class Checkpointer:
         """The newest readable checkpoint (newer than ``newer_than``), or None. Changes nothing on disk."""
         import orbax.checkpoint as ocp
 
-        target = jax.tree.map(_abstract, state)
+        target = jax.tree.map(abstract, state)
         for _ in range(_RETRIES):
             found = self._survey(pipeline, state)
             if found is None:
@@ -449,33 +477,42 @@ class Checkpointer:
             f"e.g. .checkpoint(..., keep=5), or read a copy of the directory.",
         )
 
-    def _read(self, step: int, items: dict[str, Any]) -> Any:
-        """Orbax's restore of one step folder; reads nothing else (a manager would list every step)."""
+    def _restore_which(self, pipeline: Any, state: Any, which: str) -> Any:
+        """``which="newest"``: :meth:`_restore`. ``"best"``: the step marked best, or None if none is saved."""
+        if which == "newest":
+            return self._restore(pipeline, state, newer_than=None, run=None)
+        if which != "best":
+            raise self._error(
+                pipeline,
+                f"`which` must be 'newest' (the newest checkpoint, the default) or 'best' (the step that "
+                f".checkpoint(..., best=...) kept for its best evaluation), got {which!r}; e.g. which='best'.",
+            )
         import orbax.checkpoint as ocp
 
-        reader = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
-        try:
-            return reader.restore(os.path.join(self.directory, str(step)), args=ocp.args.Composite(**items))
-        finally:
-            reader.close()
+        found = self._survey(pipeline, state)
+        if found is None or not found.steps:
+            return None
+        chosen = _best.best_step(found, self.best, layout(state))
+        if chosen is None:
+            raise self._error(
+                pipeline,
+                f"no checkpoint in {self.directory} is marked best (steps {', '.join(map(str, sorted(found.steps)))}): "
+                f"a `fit` with .checkpoint(..., best='eval_loss') and `eval_data` marks the step of each better "
+                f"evaluation.\nRestore the newest instead: trainer.init(key, sample_batch) (which='newest').",
+            )
+        step, value = chosen
+        target = jax.tree.map(abstract, state)
+        restored = self._read(step, {"state": ocp.args.StandardRestore(target)})["state"]
+        metric = found.steps[step]["best"]["metric"]  # type: ignore[index]
+        if jax.process_index() == 0:
+            print(f"jaxpipe: restoring step {step} of {self.directory}, the best by {metric} ({value:.6g})", flush=True)
+        return restored
+
+    def _read(self, step: int, items: dict[str, Any]) -> Any:
+        return _reading.read(self.directory, step, items)
 
     def _read_state(self, step: int, items: dict[str, Any], state: Any) -> Any:
-        """``_read``; a state with an empty ``extra`` also restores a checkpoint saved before ``TrainState.extra``."""
-        import orbax.checkpoint as ocp
-
-        try:
-            return self._read(step, items)
-        except Exception as err:
-            if state.extra:
-                raise
-            older = {f.name: getattr(state, f.name) for f in dataclasses.fields(state) if f.name != "extra"}
-            try:
-                restored = self._read(
-                    step, {**items, "state": ocp.args.StandardRestore(jax.tree.map(_abstract, older))}
-                )
-            except Exception:
-                raise err from None  # not the older layout either: the first error says what is wrong
-            return {**restored, "state": state.replace(**restored["state"])}
+        return _reading.read_state(self.directory, step, items, state)
 
     def _resume_data(self, step: int, run: Any) -> None:
         import orbax.checkpoint as ocp
@@ -550,30 +587,6 @@ def _next_position(step: int, per_epoch: int | None) -> dict[str, int] | None:
     return {"epoch": epoch + 1, "batch": batch + 1, "of": per_epoch}
 
 
-def _caused_by(err: BaseException | None, code: int, text: str) -> bool:
-    """Whether ``err`` or an error it came from is the OS error ``code`` (TensorStore's say it in words)."""
-    seen = 0
-    while err is not None and seen < 20:
-        if getattr(err, "errno", None) == code or text in str(err):
-            return True
-        err, seen = err.__cause__ or err.__context__, seen + 1
-    return False
-
-
-def _listing(directory: str) -> list[str]:
-    try:
-        return os.listdir(directory)
-    except OSError:
-        return []
-
-
 def _reason(err: Exception) -> str:
     text = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
-
-
-def _abstract(leaf: Any) -> Any:
-    """The restore target of one leaf: shape, dtype (typed PRNG keys included) and placement."""
-    if not hasattr(leaf, "dtype"):
-        leaf = np.asarray(leaf)
-    return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=getattr(leaf, "sharding", None))

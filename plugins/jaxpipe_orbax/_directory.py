@@ -23,6 +23,8 @@ Who changes what:
   never a step holding anything Orbax and jaxpipe did not write (a user's notes
   put into it): that step is kept. It renames a step to ``<step>.deleting``
   first, so a reader sees it go at once, and looks inside after the rename.
+- Retention with ``best=`` also keeps the step marked best in its metadata
+  (``_best.py``); marking rewrites that metadata file atomically.
 - A step folder missing one of its parts (``meta/``, ``state/``, Orbax's
   metadata) and holding nothing else is a damaged step, not someone else's.
 """
@@ -51,7 +53,7 @@ _REQUIRED = ("_CHECKPOINT_METADATA", "state", "meta")  # what a complete step fo
 # What Orbax and jaxpipe write in a step folder, and at the top of its items: anything else is someone else's.
 _WRITTEN = {
     "": re.compile(r"_CHECKPOINT_METADATA|commit_success\.txt|state|meta|data"),
-    "meta": re.compile(r"metadata|commit_success\.txt"),
+    "meta": re.compile(r"metadata|metadata\.jaxpipe-tmp|commit_success\.txt"),  # the tmp: _best.mark's rewrite
     "data": re.compile(r"metadata|commit_success\.txt"),
     "state": re.compile(
         r"_METADATA|_CHECKPOINT_METADATA|_sharding|commit_success\.txt|manifest\.ocdbt|d|"

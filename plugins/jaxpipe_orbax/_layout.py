@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import numpy as np
 
 _SHOWN = 12  # differing leaves listed in an error; the rest are counted
 
@@ -37,3 +38,10 @@ def differences(saved: dict[str, str], current: dict[str, str]) -> list[str]:
     if len(lines) > _SHOWN:
         lines = [*lines[:_SHOWN], f"  ... and {len(lines) - _SHOWN} more"]
     return lines
+
+
+def abstract(leaf: Any) -> Any:
+    """The restore target of one leaf: shape, dtype (typed PRNG keys included) and placement."""
+    if not hasattr(leaf, "dtype"):
+        leaf = np.asarray(leaf)
+    return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=getattr(leaf, "sharding", None))
