@@ -22,8 +22,11 @@ Isolation, who is protected from whom:
   training and saving go on. ``KeyboardInterrupt`` in its hook during ``fit``
   means what Ctrl-C means there: stop after the current step (end hooks and
   the final checkpoint still run); after a stop was already asked for (a
-  second Ctrl-C), and outside ``fit``, it propagates. Hook wrappers
-  (``wrapper=True``) are not guarded.
+  second Ctrl-C), and outside ``fit``, it propagates. Its hook wrappers
+  (``wrapper=True`` or ``hookwrapper=True``) are guarded the same way: one that
+  raises before or after its ``yield``, breaks the protocol (no yield, two) or
+  returns the wrong kind is off for the run, and the hooks it wraps answer as
+  if it were not there; their own exceptions pass through it unchanged.
 - A stage's run hooks (``StageKind.run_hooks``, e.g. the ``.checkpoint()``
   saver) are part of the pipeline the user asked for, and the objects passed as
   ``fit(hooks=[...])`` are the user's own code: their exceptions propagate and

@@ -51,6 +51,7 @@ MODULE_MARKS = {
     "test_browser.py": ("slow", "browser"),
     "test_multiprocess.py": ("slow", "multiprocess"),
     "test_kill_resume.py": ("slow", "multiprocess"),
+    "test_whole_programs.py": ("slow", "multiprocess"),
     "test_notebooks.py": ("slow",),
     "test_demo.py": ("slow",),
     "test_reproducibility.py": ("slow",),

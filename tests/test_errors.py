@@ -167,6 +167,17 @@ def test_vmap_axis_sizes_that_differ_name_the_arguments() -> None:
     assert_jax_traceback_kept(err, ValueError, in_user_code=False)
 
 
+def test_vmap_axis_sizes_that_differ_name_keyword_arguments_too() -> None:
+    """Found by running JAX's api_test through pipelines (test_vmap_mismatched_keyword)."""
+
+    def f(x: jax.Array, y: jax.Array) -> jax.Array:
+        return x + y
+
+    err = raised(lambda: Pipeline(f).vmap()(jnp.ones(1), y=jnp.ones(2)))
+    assert "* argument x: axis 0 has size 1 (float32[1])" in str(err)
+    assert "* kwargs['y']: axis 0 has size 2 (float32[2])" in str(err)
+
+
 def test_vmap_in_axes_that_do_not_fit_the_call() -> None:
     def total(*xs: jax.Array) -> jax.Array:  # no fixed arity: caught at call time
         return sum(jnp.sum(x) for x in xs)  # type: ignore[return-value]

@@ -130,6 +130,29 @@ def test_scan_runs_steps_with_lax_scan() -> None:
     assert_same(Pipeline(step).scan(4).jit(), jax.jit(scanned), W, XS)
 
 
+def stacked_step(state: jax.Array, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
+    new = state - 0.1 * jnp.mean(batch["x"]) * state
+    return new, {"norm": jnp.sum(new**2)}
+
+
+@pytest.mark.parametrize("jit", [True, False], ids=["jit", "eager"])
+def test_scan_called_on_one_unstacked_batch_names_the_stage_the_shapes_and_the_fix(jit: bool) -> None:
+    pipe = Pipeline(stacked_step).scan(3)
+    pipe = pipe.jit() if jit else pipe
+    batches = [{"x": jnp.full((8, 2), float(i))} for i in range(3)]
+    with pytest.raises(jaxpipe.PipelineError) as caught:
+        pipe(W, batches[0])  # one batch of 8 examples: lax.scan alone would run 8 steps
+    message = str(caught.value)
+    assert message.startswith("stage 1 (scan) of Pipeline(stacked_step).scan(steps=3)")
+    assert "batches['x'] of shape (8, 2)" in message and "it would run 8 steps, not 3" in message
+    assert "jax.tree.map(lambda *xs: jnp.stack(xs), *batches)" in message
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *batches)  # the fix: leading axis 3
+    want = jax.lax.scan(stacked_step, W, stacked)
+    jax.tree.map(np.testing.assert_array_equal, pipe(W, stacked), want)
+    with pytest.raises(jaxpipe.PipelineError, match=r"shape \(2, 8, 2\)"):
+        pipe(W, jax.tree.map(lambda *xs: jnp.stack(xs), *batches[:2]))  # stacked, but 2 batches for .scan(3)
+
+
 def test_debug_runs_eagerly_so_print_sees_values(capsys: pytest.CaptureFixture[str]) -> None:
     def shout(x: jax.Array) -> jax.Array:
         print("x is", x)

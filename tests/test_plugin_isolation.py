@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -239,3 +240,127 @@ def test_a_run_started_inside_a_hook_and_the_run_around_it_keep_their_hooks_apar
     train(pipe, hooks=[Outer()])
     steps = list(range(1, EPOCHS * N // BATCH + 1))
     assert seen == {"outer": steps, "inner": steps}
+
+
+# --- hook wrappers of installed plugins ---------------------------------------------------------------------
+
+
+WRAPPERS = {
+    "raises before its yield": "raise ValueError('boom')\n        yield",
+    "raises after its yield": "result = yield\n        raise ValueError('boom')",
+    "returns the wrong kind": "yield\n        return 'not a list'",
+    "never yields": "return []\n        yield",
+    "yields twice": "result = yield\n        yield\n        return result",
+    "is no generator": "return []",
+}
+
+
+def wrapper_plugin(hook: str, args: str, body: str, marker: str = "wrapper=True") -> str:
+    """A plugin with a ``hook`` wrapper running ``body`` (counting its calls), and a plain fit_end that records."""
+    source = f"""
+    import jaxpipe
+    calls = []
+    ends = []
+
+    @jaxpipe.hookimpl({marker})
+    def {hook}({args}):
+        calls.append(1)
+        BODY
+
+    @jaxpipe.hookimpl
+    def jaxpipe_fit_end(run, state):
+        ends.append(run.step)
+    """
+    return source.replace("BODY", body)
+
+
+@pytest.mark.parametrize("body", WRAPPERS.values(), ids=WRAPPERS.keys())
+def test_a_broken_wrapper_is_one_warning_and_the_wrapped_hooks_answer_unchanged(
+    install: Any, tmp_path: Path, body: str
+) -> None:
+    expected = reference()
+    module = install("wrapping", wrapper_plugin("jaxpipe_fit_step", "run, state, metrics", body))
+    reset()  # load it: reference() loaded the plugins before it was installed
+    steps: list[int] = []
+
+    class Mine:
+        @jaxpipe.hookimpl
+        def jaxpipe_fit_step(self, run: Any, state: Any, metrics: Any) -> None:
+            steps.append(run.step)
+
+    pipe = Pipeline(linear_loss).optimize(optax.sgd(0.05)).checkpoint(tmp_path / "ck", every=4).jit()
+    with pytest.warns(PluginWarning) as caught:
+        final = train(pipe, hooks=[Mine()])
+    assert len(caught) == 1, [str(w.message) for w in caught]
+    message = str(caught[0].message)
+    assert "'wrapping'" in message and "jaxpipe_fit_step" in message and "off for the rest of this run" in message
+    plugin = sys.modules[module]
+    assert len(plugin.calls) == 1  # off after the first failure
+    assert plugin.ends == [EPOCHS * N // BATCH]  # its other hooks still run
+    assert steps == list(range(1, EPOCHS * N // BATCH + 1))  # the wrapped hooks ran every step
+    np.testing.assert_array_equal(final.params["w"], expected.params["w"])
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir() if p.name.isdigit()) == ["4", "8"]
+
+
+def test_a_well_behaved_wrapper_still_wraps(install: Any) -> None:
+    source = """
+    import jaxpipe
+    seen = []
+
+    @jaxpipe.hookimpl(wrapper=True)
+    def jaxpipe_fit_step(run, state, metrics):
+        seen.append(('before', run.step))
+        result = yield
+        seen.append(('after', run.step))
+        return result
+    """
+    module = install("wrapping", source)
+    reference()
+    steps = range(1, EPOCHS * N // BATCH + 1)
+    assert sys.modules[module].seen == [(when, s) for s in steps for when in ("before", "after")]
+
+
+ON_ERROR = {
+    "re-raises": "yield",
+    "raises another": "try:\n            yield\n        except ValueError:\n            raise RuntimeError('mine')",
+    "swallows": "try:\n            return (yield)\n        except ValueError:\n            return []",
+}
+
+
+@pytest.mark.parametrize("name", ON_ERROR)
+def test_the_wrapped_hooks_error_propagates_unchanged_whatever_the_wrapper_does(install: Any, name: str) -> None:
+    install("wrapping", wrapper_plugin("jaxpipe_fit_step", "run, state, metrics", ON_ERROR[name]))
+    mine = ValueError("my bug")
+
+    class Mine:
+        @jaxpipe.hookimpl
+        def jaxpipe_fit_step(self, run: Any, state: Any, metrics: Any) -> None:
+            raise mine
+
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(ValueError) as raised:
+        warnings.simplefilter("always")
+        train(Pipeline(linear_loss).optimize(optax.sgd(0.05)).jit(), hooks=[Mine()])
+    assert raised.value is mine
+    plugin_warnings = [str(w.message) for w in caught if issubclass(w.category, PluginWarning)]
+    assert len(plugin_warnings) == (name != "re-raises")
+    assert all("'wrapping'" in message for message in plugin_warnings)
+
+
+def test_a_firstresult_wrapper_returning_the_wrong_kind_keeps_the_wrapped_answer(install: Any, tmp_path: Path) -> None:
+    module = install("wrapping", wrapper_plugin("jaxpipe_fit_resume", "run, state", "yield\n        return 'a state'"))
+    pipe = Pipeline(linear_loss).optimize(optax.sgd(0.05)).checkpoint(tmp_path / "ck", every=4).jit()
+    with pytest.warns(PluginWarning, match=r"jaxpipe_fit_resume.*a str"):
+        train(pipe)  # nothing to resume: the wrapped answer is None, the wrapper's 'a state' is refused
+    with pytest.warns(PluginWarning, match=r"jaxpipe_fit_resume.*a str"):
+        state = train(pipe)  # the checkpointer's answer (step 8) passes through
+    assert int(state.step) == EPOCHS * N // BATCH
+    assert len(sys.modules[module].calls) == 2
+
+
+def test_an_old_style_hookwrapper_that_raises_is_one_warning(install: Any) -> None:
+    body = "outcome = yield\n        raise ValueError('boom')"
+    install("wrapping", wrapper_plugin("jaxpipe_fit_step", "run, state, metrics", body, "hookwrapper=True"))
+    with pytest.warns(PluginWarning) as caught:
+        final = reference()
+    assert len(caught) == 1 and "raised in jaxpipe_fit_step" in str(caught[0].message)
+    assert int(final.step) == EPOCHS * N // BATCH

@@ -2,7 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
 from jaxpipe._core.protocol import PipelineLike
+
+_fit_calls: contextvars.ContextVar[bool] = contextvars.ContextVar("jaxpipe_fit_calls", default=False)
+
+
+@contextlib.contextmanager
+def fit_calls() -> Iterator[None]:
+    """Inside: ``fit`` calls the pipeline with batches it stacked itself, so a group may hold fewer than k."""
+    token = _fit_calls.set(True)
+    try:
+        yield
+    finally:
+        _fit_calls.reset(token)
+
+
+def in_fit_call() -> bool:
+    """Whether this call of the pipeline is ``fit``'s own (see :func:`fit_calls`)."""
+    return _fit_calls.get()
 
 
 def stacks_batches(pipe: PipelineLike) -> bool:

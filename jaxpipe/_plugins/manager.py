@@ -97,49 +97,194 @@ class _Isolated:
     """An installed plugin as the manager holds it: the same hooks, each run hook guarded.
 
     ``obj`` is the plugin itself, as for a run's own objects (``fit`` reads ``accepts_calls`` there).
-    Hook wrappers (``wrapper=True``) are registered unguarded: they see the
-    other hooks' results and errors, so they cannot be skipped on their own.
+    Hook wrappers are guarded too (:func:`_guard_wrapper`): a failing one is
+    skipped, and the hooks it wraps answer as if it were not there.
     """
 
     def __init__(self, name: str, plugin: object, pm: pluggy.PluginManager) -> None:
         self.obj = plugin
         for attr in dir(plugin):
             opts = pm.parse_hookimpl_opts(plugin, attr)
-            if opts is None:
+            if opts is None or attr == "jaxpipe_register_stages":  # the registry isolates that one itself
+                if opts is not None:
+                    self.__dict__[attr] = getattr(plugin, attr)
                 continue
             fn = getattr(plugin, attr)
-            wrapper = opts.get("wrapper") or opts.get("hookwrapper")
-            self.__dict__[attr] = fn if wrapper or attr == "jaxpipe_register_stages" else _guard(name, attr, fn)
+            if opts.get("wrapper"):
+                fn = _guard_wrapper(name, attr, fn, _is_firstresult(pm, attr))
+            elif opts.get("hookwrapper"):
+                fn = _guard_old_wrapper(name, attr, fn)
+            else:
+                fn = _guard(name, attr, fn)
+            self.__dict__[attr] = fn
 
     def __repr__(self) -> str:
         return f"<jaxpipe plugin {self.obj!r}>"
 
 
+def _is_firstresult(pm: pluggy.PluginManager, hook: str) -> bool:
+    caller = getattr(pm.hook, hook, None)
+    spec = getattr(caller, "spec", None)
+    return bool(spec is not None and spec.opts.get("firstresult"))
+
+
+class _WrapperBroke(Exception):
+    """A hook wrapper that did not keep pluggy's protocol (yield once, then return)."""
+
+
+def _fail(plugin: str, hook: str, fn: Any, args: tuple[Any, ...], err: BaseException) -> None:
+    """What an installed plugin's failing hook means: one warning, that hook off for the run.
+
+    ``KeyboardInterrupt`` in ``fit`` is Ctrl-C's: stop after this step (re-raised outside ``fit``,
+    or once a stop was already asked for).
+    """
+    if isinstance(err, KeyboardInterrupt):
+        fit_run = dict(zip(inspect.signature(fn).parameters, args, strict=False)).get("run")
+        if fit_run is None:  # not in fit: interrupt at once
+            raise err
+        fit_run.interrupt()  # as Ctrl-C: a second one, after a stop was asked, interrupts at once
+        warn_plugin(plugin, f"raised KeyboardInterrupt in {hook}", err, "fit stops after this step")
+        return
+    run = _current_run.get()
+    if run is not None:
+        run.disabled.add((plugin, hook))
+    what = f"broke the hook wrapper protocol in {hook}" if isinstance(err, _WrapperBroke) else f"raised in {hook}"
+    warn_plugin(plugin, what, err, "that hook is off for the rest of this run")
+
+
+def _disabled(plugin: str, hook: str) -> bool:
+    run = _current_run.get()
+    return run is not None and (plugin, hook) in run.disabled
+
+
 def _guard(plugin: str, hook: str, fn: Any) -> Any:
     """``fn`` that turns its exceptions into one PluginWarning and no result."""
-    argnames = list(inspect.signature(fn).parameters)
 
     @functools.wraps(fn)
     def guarded(*args: Any) -> Any:
-        run = _current_run.get()
-        if run is not None and (plugin, hook) in run.disabled:
+        if _disabled(plugin, hook):
             return None
         try:
             return fn(*args)
-        except KeyboardInterrupt as err:  # Ctrl-C, or a plugin asking to stop: stop as Ctrl-C does in fit
-            fit_run = dict(zip(argnames, args, strict=False)).get("run")
-            if fit_run is None:  # not in fit: interrupt at once
-                raise
-            fit_run.interrupt()  # as Ctrl-C: a second one, after a stop was asked, interrupts at once
-            warn_plugin(plugin, f"raised KeyboardInterrupt in {hook}", err, "fit stops after this step")
-            return None
         except BaseException as err:  # SystemExit too: a plugin must not end the user's run
-            if run is not None:
-                run.disabled.add((plugin, hook))
-            warn_plugin(plugin, f"raised in {hook}", err, "that hook is off for the rest of this run")
+            _fail(plugin, hook, fn, args, err)
             return None
 
     return guarded
+
+
+def _guard_wrapper(plugin: str, hook: str, fn: Any, firstresult: bool) -> Any:
+    """A new-style hook wrapper (``wrapper=True``) that cannot change the call's outcome by failing.
+
+    pluggy runs the wrapper up to its ``yield``, then the hooks it wraps, then
+    sends their result in (or throws their exception) and takes what it
+    returns. Guarded: if the wrapper raises before or after its ``yield``,
+    yields twice or never, or returns the wrong kind (not a list for an
+    ordinary hook, a value that ``first_result`` rejects for a ``firstresult``
+    one), that is one PluginWarning, the wrapper is off for the rest of the run,
+    and the wrapped hooks' result passes through unchanged. Their exception
+    always propagates unchanged: a failing wrapper can neither replace it nor
+    swallow it.
+    """
+
+    @functools.wraps(fn)
+    def guarded(*args: Any) -> Any:
+        if _disabled(plugin, hook):
+            return (yield)
+        try:
+            gen = fn(*args)
+            if not inspect.isgenerator(gen):
+                raise _WrapperBroke(f"returned {type(gen).__name__}, not a generator (a wrapper must yield once)")
+            try:
+                next(gen)
+            except StopIteration:
+                raise _WrapperBroke("returned without yielding") from None
+        except BaseException as err:  # before its yield: as if it were not there
+            _fail(plugin, hook, fn, args, err)
+            return (yield)
+        try:
+            result = yield
+        except BaseException as raised:  # the wrapped hooks' error: the wrapper may look, it propagates unchanged
+            try:
+                gen.throw(raised)
+            except StopIteration:
+                swallowed = _WrapperBroke(f"swallowed the {type(raised).__name__} of the hooks it wraps")
+                _fail(plugin, hook, fn, args, swallowed)
+            except BaseException as err:
+                if err is not raised:
+                    _fail(plugin, hook, fn, args, err)
+            else:
+                gen.close()
+                _fail(plugin, hook, fn, args, _WrapperBroke("yielded a second time"))
+            raise
+        try:
+            gen.send(result)
+        except StopIteration as done:
+            problem = _wrong_result(hook, firstresult, done.value)
+            if problem is None:
+                return done.value
+            _fail(plugin, hook, fn, args, _WrapperBroke(f"returned {problem}; the wrapped result was kept"))
+            return result
+        except BaseException as err:  # after its yield: the wrapped result passes through
+            _fail(plugin, hook, fn, args, err)
+            return result
+        gen.close()
+        _fail(plugin, hook, fn, args, _WrapperBroke("yielded a second time"))
+        return result
+
+    return guarded
+
+
+def _guard_old_wrapper(plugin: str, hook: str, fn: Any) -> Any:
+    """An old-style hook wrapper (``hookwrapper=True``), guarded as :func:`_guard_wrapper` guards new ones.
+
+    It receives pluggy's ``Result`` at its ``yield``; it may change the result
+    (``force_result``), which is its documented power; raising is a warning.
+    """
+
+    @functools.wraps(fn)
+    def guarded(*args: Any) -> Any:
+        if _disabled(plugin, hook):
+            yield
+            return
+        try:
+            gen = fn(*args)
+            if not inspect.isgenerator(gen):
+                raise _WrapperBroke(f"returned {type(gen).__name__}, not a generator (a wrapper must yield once)")
+            try:
+                next(gen)
+            except StopIteration:
+                raise _WrapperBroke("returned without yielding") from None
+        except BaseException as err:
+            _fail(plugin, hook, fn, args, err)
+            yield
+            return
+        outcome = yield
+        try:
+            gen.send(outcome)
+        except StopIteration:
+            return
+        except BaseException as err:
+            if err is not getattr(outcome, "exception", None):  # get_result() re-raising the wrapped error is fine
+                _fail(plugin, hook, fn, args, err)
+            return
+        gen.close()
+        _fail(plugin, hook, fn, args, _WrapperBroke("yielded a second time"))
+
+    return guarded
+
+
+_accepting: contextvars.ContextVar[Callable[[Any], str | None] | None] = contextvars.ContextVar(
+    "jaxpipe_accepting", default=None
+)
+
+
+def _wrong_result(hook: str, firstresult: bool, value: Any) -> str | None:
+    """Why a wrapper's return value is not one its hook could have returned, or None if it could."""
+    if not firstresult:
+        return None if isinstance(value, list) else f"{type(value).__name__}, not the list of results"
+    accept = _accepting.get()
+    return None if value is None or accept is None else accept(value)
 
 
 # --- per-run registration ----------------------------------------------------------------
@@ -241,7 +386,11 @@ def first_result(caller: Any, accept: Callable[[Any], str | None], **kwargs: Any
     """
     impls = caller.get_hookimpls()
     if any(impl.wrapper or impl.hookwrapper for impl in impls):  # a wrapper sees the call as a whole
-        result = caller(**kwargs)
+        token = _accepting.set(accept)  # so a guarded wrapper can tell its own wrong result
+        try:
+            result = caller(**kwargs)
+        finally:
+            _accepting.reset(token)
         problem = None if result is None else accept(result)
         if problem is not None:
             raise PipelineError(f"`{caller.name}` returned {problem}.")

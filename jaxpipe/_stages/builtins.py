@@ -13,12 +13,15 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import numpy as np
 
 from jaxpipe._core.after_step import after_step_kind
 from jaxpipe._core.signature import TypeAndValueError, check_argnames, check_argnums, positional_range
 from jaxpipe._core.stage import StageContext, StageKind, Training
+from jaxpipe._core.steps import in_fit_call
 from jaxpipe._stages import data_parallel as _data_parallel
 from jaxpipe._stages import shard as _shard
+from jaxpipe.errors import PipelineError
 
 # --- checks of the built-in stages ---------------------------------------------
 
@@ -195,18 +198,38 @@ def _explain_debug(ctx: StageContext, inner: str, options: dict[str, Any]) -> tu
 def scan(step: Callable[..., Any], steps: int, unroll: int | bool = 1) -> Callable[..., Any]:
     """Runs several training steps per call with ``jax.lax.scan``.
 
-    ``steps`` is how many batches ``fit`` stacks per call; the scanned function
-    accepts any number of stacked batches (a shorter last group recompiles once).
-    ``unroll`` is ``jax.lax.scan``'s: steps per loop iteration, which lets XLA
-    overlap consecutive small steps.
+    ``steps`` is how many batches ``fit`` stacks per call. Called by hand, every
+    leaf of ``batches`` must have leading axis ``steps`` (checked from the shapes,
+    so under ``jit`` only while tracing); ``fit``'s own calls may hold fewer (a
+    shorter last group recompiles once). ``unroll`` is ``jax.lax.scan``'s: steps
+    per loop iteration, which lets XLA overlap consecutive small steps.
     """
-    del steps  # used by fit to stack batches; lax.scan reads the length from them
 
     @functools.wraps(step)
     def scanned(state: Any, batches: Any) -> Any:
+        if not in_fit_call():
+            _check_stacked(batches, steps)
         return jax.lax.scan(step, state, batches, unroll=unroll)
 
     return scanned
+
+
+def _check_stacked(batches: Any, steps: int) -> None:
+    """Every leaf of ``batches`` is ``steps`` stacked batches: a batch's own leading axis would run that many steps."""
+    leaves = jax.tree_util.tree_leaves_with_path(batches)
+    shapes = [(jax.tree_util.keystr(path), np.shape(leaf)) for path, leaf in leaves]
+    if all(shape[:1] == (steps,) for _, shape in shapes):
+        return
+    got = ", ".join(f"batches{path} of shape {shape}" for path, shape in shapes[:4])
+    got += ", ..." if len(shapes) > 4 else ""
+    lengths = sorted({shape[0] for _, shape in shapes if shape})
+    runs = f"it would run {lengths[0]} steps, not {steps}" if len(lengths) == 1 else "lax.scan cannot run it"
+    raise PipelineError(
+        f"`.scan({steps})` takes {steps} stacked batches (every leaf with leading axis {steps}), got {got}: "
+        f"{runs}.\nStack {steps} batches: `jax.tree.map(lambda *xs: jnp.stack(xs), *batches)` with "
+        f"len(batches) == {steps}, or let `fit` stack them (fit(state, data, batch_size=...)).",
+        stage_name="scan",
+    )
 
 
 def _check_scan(ctx: StageContext, options: dict[str, Any]) -> None:

@@ -132,7 +132,7 @@ def _is_vmap_sizes(err: Exception, text: str) -> bool:
     return isinstance(err, ValueError) and "inconsistent sizes for array axes to be mapped" in text
 
 
-_SIZE_LINE = re.compile(r"had size (\d+): axis (\d+) of (argument [^;\n]*?) of type (\S+?)[;\n]?$", re.M)
+_SIZE_LINE = re.compile(r"had size (\d+): axis (\d+) of ((?:argument|kwargs)[^;\n]*?) of type (\S+?)[;\n]?$", re.M)
 
 
 def _advise_vmap_sizes(pipe: PipelineLike, err: Exception, text: str, args: Any, kwargs: Any) -> PipelineError:

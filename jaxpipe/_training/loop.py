@@ -28,7 +28,7 @@ import numpy as np
 from jaxpipe._core import caches
 from jaxpipe._core.protocol import PipelineLike
 from jaxpipe._core.run import FitRun, metrics_of
-from jaxpipe._core.steps import scan_steps, stacks_batches
+from jaxpipe._core.steps import fit_calls, scan_steps, stacks_batches
 from jaxpipe._tools import diagnose
 from jaxpipe._training import data as host_data
 from jaxpipe._training import program as compiled
@@ -200,7 +200,8 @@ class Loop:
         if self.mode == "host":
             self._before = self._state
             try:
-                self._state, metrics = self.pipe(self._state, *call.inputs)
+                with fit_calls():  # its groups of stacked batches may be shorter than .scan's k
+                    self._state, metrics = self.pipe(self._state, *call.inputs)
             except Exception:
                 run.error_in_step = True
                 raise
