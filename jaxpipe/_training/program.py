@@ -27,6 +27,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxpipe._core.fold import fold, rejected
 from jaxpipe._core.protocol import PipelineLike
@@ -222,7 +223,7 @@ def program(
                 # No guard inside: the step runs exactly as it would alone. ``fit`` keeps the state from
                 # before a full call and, if a row comes back non-finite, replays the steps before it with
                 # the guarded while_loop program below (the steps are deterministic: the same bits).
-                return (ok & finite, new), row
+                return ((ok & finite) if guard else ok, new), row
 
             (ok, state), rows = jax.lax.scan(scan_body, (ok, state), jnp.arange(capacity, dtype=jnp.int32))
             return state, ok, rows
@@ -232,7 +233,7 @@ def program(
 
         def cond(carry: Any) -> jax.Array:
             i, ok, _, _ = carry
-            return (i < n) & ok
+            return (i < n) & ok if guard else i < n
 
         def body(carry: Any) -> Any:
             i, ok, state, rows = carry
@@ -252,10 +253,28 @@ def program(
 
 
 @functools.lru_cache(maxsize=8)
-def _order_fn(size: int) -> Callable[[jax.Array, int], jax.Array]:
-    return jax.jit(lambda key, epoch: jax.random.permutation(jax.random.fold_in(key, epoch), size))
+def _order_fn(size: int, impl: Any) -> Callable[[Any, int], jax.Array]:
+    def order(key_data: Any, epoch: Any) -> jax.Array:
+        key = key_data if impl is None else jax.random.wrap_key_data(key_data, impl=impl)
+        return jax.random.permutation(jax.random.fold_in(key, epoch), size)
+
+    return jax.jit(order)
 
 
-def epoch_order_on_device(data_key: jax.Array, epoch: int, size: int) -> jax.Array:
-    """The permutation of ``epoch`` (``fold_in(data_key, epoch)``), computed and kept on the device."""
-    return _order_fn(size)(data_key, epoch)
+def host_key(data_key: jax.Array) -> tuple[Any, Any]:
+    """The data key as host data and its impl (None for a raw legacy key): kept by ``fit`` without a device
+    copy (the state's own key is donated with each call), and wrapped again inside the order's program."""
+    impl = _key_impl(data_key)
+    raw = data_key if impl is None else jax.random.key_data(data_key)
+    if not getattr(raw, "is_fully_addressable", True):  # across processes: a device copy, as sharded
+        return jnp.copy(raw), impl
+    return np.asarray(raw), impl
+
+
+def epoch_order_on_device(data_key: tuple[Any, Any], epoch: int, size: int) -> jax.Array:
+    """The permutation of ``epoch`` (``fold_in(data_key, epoch)``), computed and kept on the device.
+
+    ``data_key``: :func:`host_key`'s pair.
+    """
+    key_data, impl = data_key
+    return _order_fn(size, impl)(key_data, np.int32(epoch))
