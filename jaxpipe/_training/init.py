@@ -11,6 +11,7 @@ may then swap the fresh state for a restored one.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -135,7 +136,7 @@ def init_program(
     """
     with run_hooks(pipe) as hook:
         if not hook.jaxpipe_state_shardings.get_hookimpls():
-            return _stage_shares(pipe, key, sample_batch, params), None
+            return _compiled_or_eager(pipe, key, sample_batch, params), None
         typed = key if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else jax.random.wrap_key_data(key)
         impl, key_data = jax.random.key_impl(typed), np.asarray(jax.random.key_data(typed))
         host_batch, host_params = jax.device_get((sample_batch, params))
@@ -147,8 +148,27 @@ def init_program(
         shapes = jax.eval_shape(make_state)
         shardings = hook.jaxpipe_state_shardings(pipeline=pipe, state=shapes)
     if shardings is None:
-        return _stage_shares(pipe, key, sample_batch, params), None
+        return _compiled_or_eager(pipe, key, sample_batch, params), None
     return jax.jit(make_state, out_shardings=shardings), shardings
+
+
+@functools.lru_cache(maxsize=32)  # one program per pipeline (and shapes): a later init, other key, compiles nothing
+def _init_program(pipe: PipelineLike) -> Callable[..., TrainState]:
+    return jax.jit(lambda key, sample_batch, params: _stage_shares(pipe, key, sample_batch, params)())
+
+
+def _compiled_or_eager(pipe: PipelineLike, key: jax.Array, sample_batch: Any, params: Any) -> Callable[[], TrainState]:
+    """The fold as one compiled program taking the key, batch and parameters (op by op, every small eager
+    operation of the stages' shares compiled a program of its own: a dozen on a first ``init``); eagerly
+    when a share cannot be traced (it reads the sample batch's values), which also raises its own errors."""
+
+    def make_state() -> TrainState:
+        try:
+            return _init_program(pipe)(key, sample_batch, params)
+        except Exception:
+            return _stage_shares(pipe, key, sample_batch, params)()
+
+    return make_state
 
 
 def init(
