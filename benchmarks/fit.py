@@ -27,8 +27,8 @@ beside its time, so nothing is fast because it is broken.
 Children (fresh processes, one per contender; ``--children``): the first call's time (tracing and
 compiling included; for fit, ``init`` included), the XLA compiles it ran (``jaxpipe.CompileEvents``), and
 peak memory: the process's peak RSS (``getrusage`` ``ru_maxrss``) over its RSS just before the contender
-started (data and parameters already made). For fit also a second run in the same process: ``init`` from
-another key, then ``fit`` with other ``epochs``, ``log_every`` and data length, and its compiles.
+started (data and parameters already made). For fit also later runs in the same process: ``init`` from
+another key, then ``fit`` with other ``epochs`` and ``log_every``; then the same on data of another length.
 """
 
 from __future__ import annotations
@@ -365,24 +365,28 @@ def child(model: str, contender: str, examples: int) -> None:
     out: dict[str, Any] = {}
     if contender == "fit":
         trainer = trainer_of(model)
+        keys = [jax.random.key(i) for i in range(3)]  # the caller's keys: made before counting
+        batch = first_batch(data)
         before = rss_bytes()
         with CompileEvents() as events:
             start = time.perf_counter()
-            state = trainer.init(jax.random.key(0), first_batch(data))
+            state = trainer.init(keys[0], batch)
             state = trainer.fit(state, data, epochs=1, batch_size=BATCH, progress=False)
             jax.block_until_ready(state.params)
             out["first_call_s"] = time.perf_counter() - start
         out["compiles"] = events.compiles
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        # A second run from a fresh state: other epochs, log_every and data length (one batch fewer).
+        # Later runs from a fresh state (init from another key): other epochs and log_every on the same
+        # data, then also a data set of another length (one batch and 3 examples fewer).
         shorter = {k: v[: examples - BATCH - 3] for k, v in data.items()}
-        with CompileEvents() as again:
-            start = time.perf_counter()
-            state = trainer.init(jax.random.key(1), first_batch(data))
-            state = trainer.fit(state, shorter, epochs=2, batch_size=BATCH, progress=False, log_every=7)
-            jax.block_until_ready(state.params)
-            out["second_call_s"] = time.perf_counter() - start
-        out["second_compiles"] = again.compiles
+        for name, key, train in (("second", keys[1], data), ("third", keys[2], shorter)):
+            with CompileEvents() as again:
+                start = time.perf_counter()
+                state = trainer.init(key, batch)
+                state = trainer.fit(state, train, epochs=2, batch_size=BATCH, progress=False, log_every=7)
+                jax.block_until_ready(state.params)
+                out[f"{name}_call_s"] = time.perf_counter() - start
+            out[f"{name}_compiles"] = again.compiles
     else:
         params0 = linen(model).init(jax.random.key(0), first_batch(data)["image"])["params"]
         if contender in ("plain loop", "epoch scan"):
@@ -454,8 +458,9 @@ def report(result: dict[str, Any], children: dict[str, dict[str, Any]]) -> None:
     if fc and "second_compiles" in fc:
         print(
             f"fit, first run (init included): {fc['compiles']} compiles, {rounds.format_seconds(fc['first_call_s'])}; "
-            f"a second run (init from another key, epochs=2, log_every=7, a shorter data set): "
-            f"{fc['second_compiles']} compiles, {rounds.format_seconds(fc['second_call_s'])}"
+            f"then init from another key + fit(epochs=2, log_every=7): {fc['second_compiles']} compiles, "
+            f"{rounds.format_seconds(fc['second_call_s'])}; the same on data {BATCH + 3} examples shorter: "
+            f"{fc['third_compiles']} compiles, {rounds.format_seconds(fc['third_call_s'])}"
         )
     for name, ratio in result["ratios"].items():
         print(f"{name:<28} {ratio:.3f}")
@@ -493,13 +498,14 @@ def main() -> None:
         report(result, children)
         summary.append((model, result, children.get("fit", {})))
     print(f"\n## summary (load average now {load_text()})")
-    print(f"{'model':<9} {'fit/min(plain,scan)':>20} {'fit/keras best':>15} {'first fit compiles':>19} {'later':>6}")
+    print(f"{'model':<9} {'fit/min(plain,scan)':>20} {'fit/keras best':>15} {'first fit compiles':>19} {'later':>6} "
+          f"{'other length':>13}")
     for model, result, fc in summary:
         keras = result["ratios"].get("fit / keras best")
         print(
             f"{model:<9} {result['ratios']['fit / min(plain, scan)']:>20.3f} "
             f"{'-' if keras is None else f'{keras:.3f}':>15} {fc.get('compiles', '-'):>19} "
-            f"{fc.get('second_compiles', '-'):>6}"
+            f"{fc.get('second_compiles', '-'):>6} {fc.get('third_compiles', '-'):>13}"
         )
 
 

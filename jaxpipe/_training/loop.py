@@ -318,7 +318,12 @@ class Loop:
         snapshot = self._snapshot_due()
         # A call whose hooks may save, or that ends an epoch, is read back now: a non-finite step is
         # found before any hook sees the state. Otherwise metrics come back one call late.
-        self._read(keep_last=not (sync or measuring or crossing or epoch_end or evaluating or snapshot))
+        if sync or measuring or crossing or epoch_end or evaluating or snapshot:
+            self._read(keep_last=False)
+        elif sum(p.rows.n for p in self.readback.pending[:-1]) >= self.plan.log_every:
+            # Metrics come back every ``log_every`` steps, one call late: reading them waits for the device,
+            # and waiting after every short call (one step per call) left the device idle between steps.
+            self._read(keep_last=True)
         if self.nonfinite is not None:
             return False
         if snapshot:
