@@ -486,9 +486,20 @@ class Loop:
             raise located from err
 
 
-@jax.jit
 def _copy(tree: Any) -> Any:
-    """A fresh copy of every array, in one dispatch (the caller keeps the originals; fit donates the copy)."""
+    """A fresh copy of every array, where it is (the caller keeps the originals; fit donates the copy).
+
+    ``device_put(..., may_alias=False)`` copies the buffers without compiling a program; a jitted copy
+    where it cannot (an array it refuses, e.g. across processes).
+    """
+    try:
+        return jax.device_put(tree, may_alias=False)
+    except Exception:
+        return _copy_program(tree)
+
+
+@jax.jit
+def _copy_program(tree: Any) -> Any:
     return jax.tree.map(jnp.copy, tree)
 
 
