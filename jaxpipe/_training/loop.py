@@ -257,7 +257,6 @@ class Loop:
             batch_size=run.batch_size or 0,
             steps_per_epoch=run.steps_per_epoch or 0,
             capacity=1 if single else capacity,
-            guard=False,  # the guard is paid per call: see _replay
             static=static,
             single=single,
         )
