@@ -58,8 +58,8 @@ def fit(
     k steps (as many as take about 0.2 s) is kept only if its steps, timed in
     turn, are faster than single steps (XLA:CPU runs convolutions far slower
     inside a loop, so such models keep one step per call). Calls end at epoch
-    ends, at multiples of a stage's period such as ``.checkpoint(every=...)``,
-    of ``eval_every`` and of ``log_every``.
+    ends and at multiples of a stage's period such as ``.checkpoint(every=...)``
+    and of ``eval_every``.
 
     The batches are the same bit for bit however the steps are grouped. The
     result is too with one step per call (``steps_per_call=1``): it equals a

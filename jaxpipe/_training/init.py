@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxpipe._core import caches
 from jaxpipe._core.fold import fold
 from jaxpipe._core.protocol import PipelineLike
 from jaxpipe._core.stage import Stage, StageContext
@@ -175,7 +176,7 @@ def init_program(
     """
     with run_hooks(pipe) as hook:
         if not hook.jaxpipe_state_shardings.get_hookimpls():
-            return _stage_shares(pipe, key, sample_batch, params, keys), None
+            return _compiled_or_eager(pipe, key, sample_batch, params, keys), None
         typed = key if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else jax.random.wrap_key_data(key)
         impl, key_data = jax.random.key_impl(typed), np.asarray(jax.random.key_data(typed))
         host_batch, host_params = jax.device_get((sample_batch, params))
@@ -187,8 +188,32 @@ def init_program(
         shapes = jax.eval_shape(make_state)
         shardings = hook.jaxpipe_state_shardings(pipeline=pipe, state=shapes)
     if shardings is None:
-        return _stage_shares(pipe, key, sample_batch, params, keys), None
+        return _compiled_or_eager(pipe, key, sample_batch, params, keys), None
     return jax.jit(make_state, out_shardings=shardings), shardings
+
+
+@caches.bounded(32)  # one program per pipeline (and shapes): a later init, other key, compiles nothing
+def _init_program(pipe: PipelineLike) -> Callable[..., TrainState]:
+    return jax.jit(lambda key, sample_batch, params: _stage_shares(pipe, key, sample_batch, params)())
+
+
+def _compiled_or_eager(
+    pipe: PipelineLike, key: jax.Array, sample_batch: Any, params: Any, keys: Keys | None
+) -> Callable[[], TrainState]:
+    """The fold as one compiled program taking the key, batch and parameters (op by op, every small eager
+    operation of the stages' shares compiled a program of its own: a dozen on a first ``init``); eagerly
+    when a share cannot be traced (it reads the sample batch's values), which also raises its own errors."""
+
+    if keys is not None:  # another program's key derivation: a function of the user's, run as it is
+        return _stage_shares(pipe, key, sample_batch, params, keys)
+
+    def make_state() -> TrainState:
+        try:
+            return _init_program(pipe)(key, sample_batch, params)
+        except Exception:
+            return _stage_shares(pipe, key, sample_batch, params)()
+
+    return make_state
 
 
 def init(

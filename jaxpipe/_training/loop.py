@@ -41,6 +41,13 @@ from jaxpipe._training.sources import Call, DeviceArrays, Streamed, call_input, 
 from jaxpipe.errors import NonFiniteError
 
 _LOOP_MARGIN = 0.97  # a many-step call is kept when its steps take under 97% of a single step's time
+# A step at least this long gains under about 1% from a loop (what a loop saves is the call's dispatch and
+# fit's bookkeeping, ~0.1 ms): such a run keeps one step per call and never compiles or times a loop.
+_LOOP_WORTH = 0.01
+# The non-finite guard's snapshot: a copy of a state known finite, taken at most this often (and when the
+# streamed batches kept for replaying the calls since the last one pass _SNAPSHOT_BYTES).
+_SNAPSHOT_SECONDS = 5.0
+_SNAPSHOT_BYTES = 256 * 2**20
 
 
 class Measured:
@@ -123,6 +130,13 @@ class Loop:
         self.message = ""  # the non-finite step's message, once found
         self._raw: Any = None
         self.ok: Any = None
+        # The non-finite guard, paid per call, not per step: no program checks its steps; a raw state known to
+        # be finite (the caller's own, then a copy every _SNAPSHOT_SECONDS) and the calls launched since are
+        # kept, and a call found non-finite is redone from it, up to its last finite step (see _replay).
+        self._snapshot: Any = None
+        self._snapshot_time = 0.0
+        self._since: list[tuple[compiled.Program, int, tuple[Any, ...], int]] = []
+        self._since_bytes = 0
         self.codec: compiled.KeyCodec | None = None
         if self.schedule.auto and self.mode != "host" and self.measure_key in MEASURED.single:
             self._choose_k()
@@ -149,8 +163,10 @@ class Loop:
         if self.mode != "host":
             # One copy of the caller's state; every call then donates its input (nothing allocated per step).
             self.codec = compiled.KeyCodec.of(state)
-            self._raw = _copy(self.codec.raw(state))
-            self.ok = jnp.bool_(True)
+            self._snapshot = self.codec.raw(state)  # the caller's state: never donated, so no copy is kept
+            self._snapshot_time = time.perf_counter()
+            self._raw = _copy(self._snapshot)
+            self.ok = np.bool_(True)
         self.source = self._source(state)
         for call in self.source.calls(self.schedule.count):
             started = time.perf_counter()
@@ -207,9 +223,7 @@ class Loop:
                 raise
             return PendingCall(first, Rows.as_returned(metrics, n), whole=n > 1)
         rows = n if self.mode == "device" else jax.tree.leaves(call.inputs)[0].shape[0]
-        program, full = self._program(n, rows)
-        # A guarded full call does not donate its input: the state before it stays alive, at no copy, for _replay.
-        before = self._raw if full and self.plan.guard else None
+        program = self._program(n, rows)
         try:
             self._raw, self.ok, metric_rows = program.call(self._raw, self.ok, n, *call.inputs)
         except Exception as err:
@@ -217,23 +231,27 @@ class Loop:
             self._explain(err)
             raise
         pending = PendingCall(first, Rows.of_call(metric_rows, n, program.names))
-        if before is not None:
-            pending.replay = self._replay(before, call.inputs, self._capacity(rows))
+        if self.plan.guard:
+            self._since.append((program, n, call.inputs, self._capacity(rows)))
+            if self.mode == "stream":  # the placed batches stay alive until the next snapshot
+                self._since_bytes += sum(x.nbytes for x in jax.tree.leaves(call.inputs))
+            pending.replay = self._replay(len(self._since) - 1)
         return pending
 
-    def _program(self, n: int, rows: int) -> tuple[compiled.Program, bool]:
-        """The program for a call of ``n`` steps (``rows`` stacked batches when streamed), and whether it is full.
+    def _program(self, n: int, rows: int) -> compiled.Program:
+        """The program for a call of ``n`` steps (``rows`` stacked batches when streamed).
 
         A full call of k steps is one ``scan``; a call of one step is the plain
-        jitted step (no loop); other calls (remainders) a guarded ``while_loop``.
+        jitted step (no loop); other calls (remainders) a ``while_loop`` of ``n``
+        steps. None checks its steps for non-finite values (see ``_replay``).
         """
         k, device = self.schedule.k, self.mode == "device"
         known = not (self.schedule.auto and self.measure_key not in MEASURED.single)
         if n == k > 1 and known and (device or rows == k):
-            return self._compiled(k, static=True), True
+            return self._compiled(k, static=True)
         if n == 1 and (device or rows == 1):
-            return self._compiled(1, single=True), False
-        return self._compiled(self._capacity(rows)), False
+            return self._compiled(1, single=True)
+        return self._compiled(self._capacity(rows))
 
     def _capacity(self, rows: int) -> int:
         """Steps the guarded loop has room for: the run's capacity on the device, the stacked batches streamed."""
@@ -249,26 +267,45 @@ class Loop:
             batch_size=run.batch_size or 0,
             steps_per_epoch=run.steps_per_epoch or 0,
             capacity=1 if single else capacity,
-            guard=self.plan.guard,
             static=static,
             single=single,
-            donate=not (static and self.plan.guard),
         )
 
-    def _replay(self, before: Any, inputs: tuple[Any, ...], capacity: int) -> Callable[[int], None]:
-        """How to redo the finite steps of a full call from the state before it, should one step go non-finite.
+    def _replay(self, index: int) -> Callable[[int], None]:
+        """How to go back to the last finite step of the ``index``-th call since the snapshot, should it go non-finite.
 
-        A full call (a ``scan`` of k steps) has no guard inside, so that it costs
-        exactly its steps; it is rare that a row comes back non-finite, and then
-        the ``good`` steps before it run again through the guarded program, from
-        the state before the call (not donated to it, so kept without a copy):
-        the same steps, the same bits.
+        No program checks its steps (a check per step costs a copy of the
+        state per step inside XLA: 1.6x a 4x1024 MLP's step on the CPU), so the
+        guard is paid per call instead: the calls launched since the snapshot
+        run again from a copy of it, the same programs on the same inputs (the
+        same bits), then the ``good`` finite steps of the call that went wrong
+        through the ``while_loop`` program (a step there gives the bits it gives
+        in the ``scan``: ``tests/test_fit_loop.py``).
         """
 
         def replay(good: int) -> None:
-            self._raw, self.ok, _ = self._compiled(capacity).call(before, jnp.bool_(True), good, *inputs)
+            state, ok = _copy(self._snapshot), np.bool_(True)
+            for program, n, inputs, _ in self._since[:index]:
+                state, ok, _ = program.call(state, ok, n, *inputs)
+            if good:
+                _, _, inputs, capacity = self._since[index]
+                state, ok, _ = self._compiled(capacity).call(state, ok, good, *inputs)
+            self._raw, self.ok = state, ok
 
         return replay
+
+    def _snapshot_due(self) -> bool:
+        if not self.plan.guard or self.mode == "host" or not self._since:
+            return False
+        return self._since_bytes > _SNAPSHOT_BYTES or time.perf_counter() - self._snapshot_time > _SNAPSHOT_SECONDS
+
+    def _take_snapshot(self) -> None:
+        """Every call launched was read back finite: a copy of the state now is the new point to replay from."""
+        assert not self.readback.pending
+        self._snapshot = _copy(self._raw)
+        self._snapshot_time = time.perf_counter()
+        self._since.clear()
+        self._since_bytes = 0
 
     # --- after each call --------------------------------------------------------------------
 
@@ -287,11 +324,19 @@ class Loop:
         crossing = self.step_hooks and any(p.crossed(first, run.step) for p in self.stage_periods)
         measuring = self._measuring(n)
         sync = self.mode == "host" and self.plan.guard
+        snapshot = self._snapshot_due()
         # A call whose hooks may save, or that ends an epoch, is read back now: a non-finite step is
         # found before any hook sees the state. Otherwise metrics come back one call late.
-        self._read(keep_last=not (sync or measuring or crossing or epoch_end or evaluating))
+        if sync or measuring or crossing or epoch_end or evaluating or snapshot:
+            self._read(keep_last=False)
+        elif sum(p.rows.n for p in self.readback.pending[:-1]) >= self.plan.log_every:
+            # Metrics come back every ``log_every`` steps, one call late: reading them waits for the device,
+            # and waiting after every short call (one step per call) left the device idle between steps.
+            self._read(keep_last=True)
         if self.nonfinite is not None:
             return False
+        if snapshot:
+            self._take_snapshot()
         if measuring:
             self._measured(n, time.perf_counter() - started)
         if self.calls == 1 and not (self.schedule.auto and self.measure_key not in MEASURED.single):
@@ -339,6 +384,10 @@ class Loop:
     def _choose_k(self) -> None:
         single = MEASURED.single[self.measure_key]
         loop = MEASURED.loop.get(self.measure_key)
+        if single >= _LOOP_WORTH:
+            self.schedule.k, self.schedule.log_every = 1, 1
+            self.k_reason = f"auto: one step per call, as a step of {_ms(single)} gains under 1% from a loop"
+            return
         if loop is not None and loop > _LOOP_MARGIN * single:
             self.schedule.k, self.schedule.log_every = 1, 1
             cause = " (XLA:CPU runs e.g. convolutions slower in a loop body)" if jax.default_backend() == "cpu" else ""
@@ -447,9 +496,20 @@ class Loop:
             raise located from err
 
 
-@jax.jit
 def _copy(tree: Any) -> Any:
-    """A fresh copy of every array, in one dispatch (the caller keeps the originals; fit donates the copy)."""
+    """A fresh copy of every array, where it is (the caller keeps the originals; fit donates the copy).
+
+    ``device_put(..., may_alias=False)`` copies the buffers without compiling a program; a jitted copy
+    where it cannot (an array it refuses, e.g. across processes).
+    """
+    try:
+        return jax.device_put(tree, may_alias=False)
+    except Exception:
+        return _copy_program(tree)
+
+
+@jax.jit
+def _copy_program(tree: Any) -> Any:
     return jax.tree.map(jnp.copy, tree)
 
 

@@ -6,12 +6,12 @@ either gathers its batch on the device from data placed there once (the epoch's
 permutation is an argument; the position comes from ``state.step``, exactly as
 ``fit`` on the host chose batches), or takes the next of a stack of batches
 streamed from the host. The metrics of all steps come back as one
-``[capacity, n_metrics]`` array. With the finite-guard on, a step of a ``while_loop``
-call whose metrics are not all finite leaves the state as it was and ends the
-loop; the ``ok`` flag stays False, so calls already queued behind it change
-nothing. The full calls (a ``scan`` of k steps) carry no guard, so they cost
-exactly the steps; ``fit`` keeps the state from before each and replays the
-finite steps of one that went wrong.
+``[capacity, n_metrics]`` array. No program checks its steps for non-finite
+values: a check per step costs a copy of the state per step inside XLA (a
+``cond`` between the new and the old state: 1.6x the step of a 4x1024 MLP on
+the CPU). ``fit`` pays for the guard per call instead: it keeps a state known
+to be finite and the calls launched since, and replays them should a row come
+back non-finite (``Loop._replay``).
 
 Typed PRNG keys travel as their raw key data between calls (wrapped again inside
 the program), and the state is donated: nothing is allocated or re-wrapped per
@@ -26,6 +26,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxpipe._core import caches
 from jaxpipe._core.fold import fold, rejected
@@ -165,10 +166,8 @@ def program(
     batch_size: int,
     steps_per_epoch: int,
     capacity: int,
-    guard: bool,
     static: bool = False,
     single: bool = False,
-    donate: bool = True,
 ) -> Program:
     """The jitted ``(state, ok, n, source...) -> (state, ok, metrics)`` for ``pipe``.
 
@@ -176,13 +175,11 @@ def program(
     this epoch's permutation; otherwise it is ``batches``, stacked on axis 0.
     ``static``: exactly ``capacity`` steps in a ``jax.lax.scan`` (``n`` unused),
     for the full calls: a loop whose length XLA knows needs no host round trip
-    per step on a GPU, and no guard (``fit`` replays a call that went
-    non-finite; ``donate=False`` then leaves its input alive for that,
-    which costs no copy). ``single``: one step at the program's top level, no loop
+    per step on a GPU. ``single``: one step at the program's top level, no loop
     (``n`` unused): the plain jitted step, for calls of one step (XLA:CPU runs
     some steps, convolutions above all, far slower inside a loop). Otherwise a
-    ``while_loop`` of ``n <= capacity`` steps (remainders, replays), which with
-    ``guard`` stops at a non-finite step.
+    ``while_loop`` of ``n <= capacity`` steps (remainders, replays). ``ok`` is
+    passed through (the scan ands its steps' finiteness in; ``fit`` reads the rows).
     """
     step = step_function(pipe)
     assert step is not None
@@ -209,11 +206,7 @@ def program(
                 return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, keepdims=False), batches)
 
         if single:
-            new, row, finite = one_step(state, batch_at(state, jnp.int32(0)))
-            if guard:  # a non-finite step, or one queued behind it, changes nothing
-                keep = ok & finite
-                new = jax.lax.cond(keep, lambda: new, lambda: state)  # a cond: see the while_loop's body
-                ok = keep
+            new, row, _ = one_step(state, batch_at(state, jnp.int32(0)))
             return new, ok, row[None]
 
         if static:
@@ -221,9 +214,6 @@ def program(
             def scan_body(carry: Any, i: jax.Array) -> Any:
                 ok, state = carry
                 new, row, finite = one_step(state, batch_at(state, i))
-                # No guard inside: the step runs exactly as it would alone. ``fit`` keeps the state from
-                # before a full call and, if a row comes back non-finite, replays the steps before it with
-                # the guarded while_loop program below (the steps are deterministic: the same bits).
                 return (ok & finite, new), row
 
             (ok, state), rows = jax.lax.scan(scan_body, (ok, state), jnp.arange(capacity, dtype=jnp.int32))
@@ -233,32 +223,43 @@ def program(
         rows = jnp.zeros((capacity, *row_shape.shape), row_shape.dtype)
 
         def cond(carry: Any) -> jax.Array:
-            i, ok, _, _ = carry
-            return (i < n) & ok
+            i, _, _, _ = carry
+            return i < n  # every step runs, finite or not: fit replays up to the last finite one
 
         def body(carry: Any) -> Any:
             i, ok, state, rows = carry
-            new, row, finite = one_step(state, batch_at(state, i))
-            if guard:  # a non-finite step changes nothing and ends the loop
-                ok = finite
-                # A cond, not a select: a select of the new and old state (even behind an optimization
-                # barrier) changed how XLA's CPU backend fused the step and so its last bit; a cond keeps
-                # the guarded step bit-identical to the unguarded one (tests/test_fit_order.py).
-                new = jax.lax.cond(finite, lambda: new, lambda: state)
+            new, row, _ = one_step(state, batch_at(state, i))
             return i + 1, ok, new, rows.at[i].set(row)
 
         _, ok, state, rows = jax.lax.while_loop(cond, body, (jnp.int32(0), ok, state, rows))
         return state, ok, rows
 
-    donated = (0,) if donate else ()
-    return Program(jax.jit(run, donate_argnums=donated, **jit_options(pipe)), names)
+    return Program(jax.jit(run, donate_argnums=(0,), **jit_options(pipe)), names)
 
 
 @caches.bounded(8)
-def _order_fn(size: int) -> Callable[[jax.Array, int], jax.Array]:
-    return jax.jit(lambda key, epoch: jax.random.permutation(jax.random.fold_in(key, epoch), size))
+def _order_fn(size: int, impl: Any) -> Callable[[Any, Any], jax.Array]:
+    def order(key_data: Any, epoch: Any) -> jax.Array:
+        key = key_data if impl is None else jax.random.wrap_key_data(key_data, impl=impl)
+        return jax.random.permutation(jax.random.fold_in(key, epoch), size)
+
+    return jax.jit(order)
 
 
-def epoch_order_on_device(data_key: jax.Array, epoch: int, size: int) -> jax.Array:
-    """The permutation of ``epoch`` (``fold_in(data_key, epoch)``), computed and kept on the device."""
-    return _order_fn(size)(data_key, epoch)
+def host_key(data_key: jax.Array) -> tuple[Any, Any]:
+    """The data key as host data and its impl (None for a raw legacy key): kept by ``fit`` without a device
+    copy (the state's own key is donated with each call), and wrapped again inside the order's program."""
+    impl = _key_impl(data_key)
+    raw = data_key if impl is None else jax.random.key_data(data_key)
+    if not getattr(raw, "is_fully_addressable", True):  # across processes: a device copy, as sharded
+        return jnp.copy(raw), impl
+    return np.asarray(raw), impl
+
+
+def epoch_order_on_device(data_key: tuple[Any, Any], epoch: int, size: int) -> jax.Array:
+    """The permutation of ``epoch`` (``fold_in(data_key, epoch)``), computed and kept on the device.
+
+    ``data_key``: :func:`host_key`'s pair.
+    """
+    key_data, impl = data_key
+    return _order_fn(size, impl)(key_data, np.int32(epoch))

@@ -1,7 +1,7 @@
 """Which calls a run makes: how many steps each, cut where periodic actions fire.
 
 Every "each N steps" of a run (an epoch, a checkpoint's ``every``,
-``log_every``, ``eval_every``) is one :class:`Period`, and a call never runs
+``eval_every``) is one :class:`Period`, and a call never runs
 across one, so the action sees exactly the state at its step, however the
 steps are grouped.
 """
@@ -9,6 +9,7 @@ steps are grouped.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 CALL_SECONDS = 0.2  # a call's target length: Ctrl-C and Stop act within about two calls
 CAPACITY = 4096  # most steps in one call (the metrics buffer's rows)
@@ -41,6 +42,7 @@ class Schedule:
         self.k = explicit or 1
         self.auto = explicit is None
         self.total = total
+        self.steps_per_epoch = steps_per_epoch
         epoch = [Period(steps_per_epoch)] if steps_per_epoch else []
         # ``.scan(k)`` fixes what a call runs; only epochs and the end cut it then.
         self.periods = [*epoch, *(periods if explicit is None else [])]
@@ -50,10 +52,9 @@ class Schedule:
     def count(self, step: int) -> int:
         """Steps of the call that starts at ``step``."""
         n = self.k
-        if self.auto and self.log_every <= n < self.capacity:  # calls end on multiples of log_every, unless whole
-            # epochs (or the whole run): then the metrics of every step come back at the epoch's end anyway
-            end = (step + n) // self.log_every * self.log_every
-            n = end - step if end > step else n
+        epoch = self.steps_per_epoch
+        if self.auto and n > 1 and epoch and epoch % n == 0 and step % epoch % n:
+            return 1  # after the measuring calls: single steps up to a multiple of k, then only full calls
         if self.total is not None:
             n = min(n, self.total - step)
         for period in self.periods:
@@ -61,13 +62,20 @@ class Schedule:
         return max(n, 1)
 
     def measured(self, seconds_per_step: float, log_every: int) -> None:
-        """Sets k so that a call takes about ``CALL_SECONDS``, aligned with ``log_every``."""
+        """Sets k so that a call takes about ``CALL_SECONDS``.
+
+        Not aligned with ``log_every`` (metrics come back once per call, so the
+        progress line moves every call at most): another ``log_every`` compiles
+        no other program. A round number (1, 2, 5, 10, 20, 50, ...), so that the
+        same k comes out run after run, then moved to a divisor of the epoch
+        within a factor of 2 if there is one: every call of an epoch is then a
+        full call (one program), with no remainder call at the epoch's end.
+        """
         k = int(max(CALL_SECONDS / max(seconds_per_step, 1e-9), 1))
-        # A round number (1, 2, 5, 10, 20, 50, ...): the same k run after run, so streamed calls,
-        # whose stacked batches have k rows, reuse one compiled program.
         k = min(max(v for v in _ROUND if v <= k), self.capacity)
-        if log_every <= k < self.capacity:
-            k -= k % log_every
-        elif k < self.capacity:  # a whole epoch per call needs no rounding
-            k = max(d for d in range(1, k + 1) if log_every % d == 0)
+        epoch = self.steps_per_epoch
+        if epoch and 1 < k < epoch:
+            near = [d for d in range(max(k // 2, 2), min(2 * k, self.capacity) + 1) if epoch % d == 0]
+            if near:
+                k = min(near, key=lambda d: (abs(math.log(d / k)), d))
         self.k, self.log_every = k, log_every

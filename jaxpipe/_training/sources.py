@@ -82,7 +82,7 @@ class DeviceArrays:
             host = {k: np.concatenate([v, np.zeros((pad_rows, *v.shape[1:]), v.dtype)]) for k, v in host.items()}
         placed = callbacks.hook.jaxpipe_place_data(run=run, data=host)
         self.data = jax.device_put(host) if placed is None else placed
-        self.data_key = jnp.copy(data_key)  # kept: the state's own is donated with each call
+        self.data_key = compiled.host_key(data_key)  # kept: the state's own is donated with each call
 
     def check_placement(self, stacked: bool) -> None:
         """Asks the placing hooks about one batch, as for host batches: they say when the devices cannot split it."""
