@@ -65,8 +65,12 @@ MODULE_MARKS = {
     "test_grain.py": ("slow", "multiprocess"),
     "test_stop_kernel.py": ("slow",),
     "test_readme.py": ("slow",),
+    "test_fit_parts.py": ("slow",),
+    "test_train_state.py": ("slow",),
+    "test_fit_order.py": ("slow",),
 }
 SLOW_TESTS = {
+    "test_plugin_isolation.py": {"test_a_broken_wrapper_is_one_warning_and_the_wrapped_hooks_answer_unchanged"},
     "test_magics.py": {"test_in_a_kernel_the_magics_show_html_and_the_inspector"},
     "test_optax_plugin.py": {
         "test_legacy_prng_key",
