@@ -27,7 +27,8 @@ beside its time, so nothing is fast because it is broken.
 Children (fresh processes, one per contender; ``--children``): the first call's time (tracing and
 compiling included; for fit, ``init`` included), the XLA compiles it ran (``jaxpipe.CompileEvents``), and
 peak memory: the process's peak RSS during that first call (``VmHWM``, reset just before through
-``/proc/self/clear_refs``) over its RSS just before (data and parameters already made). For fit also later runs in the same process: ``init`` from
+``/proc/self/clear_refs``) over its RSS just before (data and parameters already made).
+For fit also later runs in the same process: ``init`` from
 another key, then ``fit`` with other ``epochs`` and ``log_every``; then the same on data of another length.
 """
 
@@ -185,7 +186,7 @@ def nnx_loop(model: str, data: dict[str, np.ndarray]) -> tuple[Callable[[], Any]
                 self.out = nnx.Linear(8 * 8 * 64, CLASSES, rngs=rngs)
             else:
                 widths = [64, *linen(model).widths]
-                self.layers = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(widths, widths[1:])])
+                self.layers = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(widths, widths[1:], strict=False)])
                 self.out = nnx.Linear(widths[-1], CLASSES, rngs=rngs)
 
         def __call__(self, x):
@@ -511,8 +512,10 @@ def main() -> None:
         report(result, children)
         summary.append((model, result, children.get("fit", {})))
     print(f"\n## summary (load average now {load_text()})")
-    print(f"{'model':<9} {'fit/min(plain,scan)':>20} {'fit/keras best':>15} {'first fit compiles':>19} {'later':>6} "
-          f"{'other length':>13}")
+    print(
+        f"{'model':<9} {'fit/min(plain,scan)':>20} {'fit/keras best':>15} {'first fit compiles':>19} {'later':>6} "
+        f"{'other length':>13}"
+    )
     for model, result, fc in summary:
         keras = result["ratios"].get("fit / keras best")
         print(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import optax
 import pytest
-from test_fit_loop import BATCH, DIVERGES_AT, N, Calls, host_order_fit, linear_loss, start
+from test_fit_loop import BATCH, DIVERGES_AT, Calls, N, host_order_fit, linear_loss, start
 
 from jaxpipe import Pipeline, PipelineError
 from jaxpipe._training import loop as fit_loop

@@ -238,7 +238,7 @@ def program(
 
 
 @functools.lru_cache(maxsize=8)
-def _order_fn(size: int, impl: Any) -> Callable[[Any, int], jax.Array]:
+def _order_fn(size: int, impl: Any) -> Callable[[Any, Any], jax.Array]:
     def order(key_data: Any, epoch: Any) -> jax.Array:
         key = key_data if impl is None else jax.random.wrap_key_data(key_data, impl=impl)
         return jax.random.permutation(jax.random.fold_in(key, epoch), size)
