@@ -27,8 +27,8 @@ beside its time, so nothing is fast because it is broken.
 Children (fresh processes, one per contender; ``--children``): the first call's time (tracing and
 compiling included; for fit, ``init`` included), the XLA compiles it ran (``jaxpipe.CompileEvents``), and
 peak memory: the process's peak RSS during that first call (``VmHWM``, reset just before through
-``/proc/self/clear_refs``) over its RSS just before (data and parameters already made). For fit also later runs
-in the same process: ``init`` from
+``/proc/self/clear_refs``) over its RSS just before (data and parameters already made).
+For fit also later runs in the same process: ``init`` from
 another key, then ``fit`` with other ``epochs`` and ``log_every``; then the same on data of another length.
 """
 
