@@ -28,6 +28,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from environment import unavailable
 from playwright.sync_api import sync_playwright
 
 from jaxpipe.ipython.widgets import VIEWS
@@ -157,7 +158,7 @@ def jupyterlab(root: Path, home: Path) -> Iterator[str]:
 def test_example_notebook_renders_inspector_and_dashboard_and_stop_ends_a_running_fit(tmp_path: Path) -> None:
     chromium, why_not = find_chromium()
     if chromium is None:
-        pytest.skip(why_not)
+        unavailable(why_not)
     root, checkpoints = tmp_path / "root", tmp_path / "checkpoints"
     root.mkdir()
     shutil.copy(NOTEBOOK, root / NOTEBOOK.name)

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from environment import unavailable
 from jaxpipe_orbax import Checkpointer, CheckpointWarning, _directory
 
 from jaxpipe import FitRun, Pipeline, PipelineError, hookimpl
@@ -173,7 +174,7 @@ def _mount_namespace():
     """The `unshare` command that gives a process its own mounts, or skips where this machine does not allow it."""
     command = ["unshare", "--mount", "--map-root-user"]
     if shutil.which("unshare") is None:
-        pytest.skip("needs `unshare` to mount a real read-only or small file system")
+        unavailable("needs `unshare` to mount a real read-only or small file system")
     probe = subprocess.run(
         [*command, "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt || mount -t tmpfs -o size=64k tmpfs /tmp"],
         capture_output=True,
@@ -181,7 +182,7 @@ def _mount_namespace():
         check=False,
     )
     if probe.returncode != 0:
-        pytest.skip(f"mounting is not allowed here: {probe.stderr.strip()[:200]}")
+        unavailable(f"mounting is not allowed here: {probe.stderr.strip()[:200]}")
     return command
 
 
