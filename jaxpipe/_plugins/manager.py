@@ -192,13 +192,7 @@ def _guard_wrapper(plugin: str, hook: str, fn: Any, firstresult: bool) -> Any:
         if _disabled(plugin, hook):
             return (yield)
         try:
-            gen = fn(*args)
-            if not inspect.isgenerator(gen):
-                raise _WrapperBroke(f"returned {type(gen).__name__}, not a generator (a wrapper must yield once)")
-            try:
-                next(gen)
-            except StopIteration:
-                raise _WrapperBroke("returned without yielding") from None
+            gen = _started(fn, args)
         except BaseException as err:  # before its yield: as if it were not there
             _fail(plugin, hook, fn, args, err)
             return (yield)
@@ -235,6 +229,18 @@ def _guard_wrapper(plugin: str, hook: str, fn: Any, firstresult: bool) -> Any:
     return guarded
 
 
+def _started(fn: Any, args: tuple[Any, ...]) -> Any:
+    """A wrapper's generator run up to its ``yield`` (its code before the wrapped hooks), or _WrapperBroke."""
+    gen = fn(*args)
+    if not inspect.isgenerator(gen):
+        raise _WrapperBroke(f"returned {type(gen).__name__}, not a generator (a wrapper must yield once)")
+    try:
+        next(gen)
+    except StopIteration:
+        raise _WrapperBroke("returned without yielding") from None
+    return gen
+
+
 def _guard_old_wrapper(plugin: str, hook: str, fn: Any) -> Any:
     """An old-style hook wrapper (``hookwrapper=True``), guarded as :func:`_guard_wrapper` guards new ones.
 
@@ -248,13 +254,7 @@ def _guard_old_wrapper(plugin: str, hook: str, fn: Any) -> Any:
             yield
             return
         try:
-            gen = fn(*args)
-            if not inspect.isgenerator(gen):
-                raise _WrapperBroke(f"returned {type(gen).__name__}, not a generator (a wrapper must yield once)")
-            try:
-                next(gen)
-            except StopIteration:
-                raise _WrapperBroke("returned without yielding") from None
+            gen = _started(fn, args)
         except BaseException as err:
             _fail(plugin, hook, fn, args, err)
             yield
